@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Trains a multi-task CNN on the built-in multi-digits dataset (plus one single-task baseline per
+# task) and prints each task's test metrics and the multi-task gain Δm%.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+exec .venv/bin/polytask train configs/multi-digits.yaml "$@"

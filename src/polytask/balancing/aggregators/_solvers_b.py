@@ -1,0 +1,173 @@
+"""Small solvers and helpers shared by Nash-MTL, FairGrad, GradVac, GradDrop and DB-MTL.
+
+Everything here works on the K×K Gramian (K ≤ a few dozen) in float64 NumPy on the CPU, or
+is a tiny torch helper; nothing here is registered.
+
+* ``solve_power_bargaining(G, power)``: the positive ``w`` with ``G w = w^{-power}``
+  element-wise (Nash-MTL is ``power = 1``, FairGrad is ``power = 1/alpha``), by damped Newton on
+  a strictly convex potential, with SciPy's ``least_squares`` as a fallback.
+* ``seeded_generator(seed, counter, device)``: a torch generator for draw number ``counter``
+  of a run seeded ``seed`` (counter-based, so a buffer holding ``counter`` checkpoints it).
+* ``present_rows(...)``: which of the balancer's tasks the rows of a Jacobian belong to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: a task whose squared gradient norm is below this fraction of the largest one is treated as
+#: having a zero gradient (it has no finite bargaining weight)
+ZERO_ROW_TOL = 1e-20
+
+
+def _potential(a: np.ndarray, w: np.ndarray, power: float) -> float:
+    """``½ wᵀ A w − Σ h(w_i)`` with ``h' = w^{-power}`` (``h = log`` when ``power = 1``)."""
+    quad = 0.5 * float(w @ a @ w)
+    if power == 1.0:
+        return quad - float(np.log(w).sum())
+    return quad - float((w ** (1.0 - power)).sum() / (1.0 - power))
+
+
+def _relative_residual(a: np.ndarray, w: np.ndarray, power: float) -> float:
+    """``max_i |(A w)_i · w_i^power − 1|``: zero exactly at the solution, scale-free."""
+    return float(np.abs((a @ w) * w**power - 1.0).max())
+
+
+def solve_power_bargaining(
+    gramian: np.ndarray | Tensor,
+    power: float = 1.0,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+    reg: float = 1e-8,
+) -> np.ndarray:
+    """The weights ``w > 0`` with ``(G w)_i = w_i^{-power}`` for every task ``i``.
+
+    ``w`` is the unique minimiser of the strictly convex ``f(w) = ½ wᵀ G w − Σ h(w_i)`` with
+    ``h'(w) = w^{-power}`` (``power > 0``), found by Newton's method with a backtracking line
+    search that keeps ``w > 0``. The start is exact when the gradients are orthogonal
+    (``w_i = G_ii^{-1/(1+power)}``), rescaled along the ray to the best multiple.
+
+    A solution exists only when no non-negative combination of the gradients vanishes. To stay
+    finite on singular Gramians (opposed or duplicated gradients) the equation is solved for
+    ``G + reg · Diag(G)`` (a relative ridge, so each task is regularised at its own scale; the
+    relative residual it leaves is about ``reg``). Tasks with a zero gradient (squared norm below
+    ``ZERO_ROW_TOL`` times the largest) would need an infinite weight: they are left out of the
+    solve and given the largest weight of the others (their gradient is zero, so this choice does
+    not change this step's update; it only matters when weights are reused). All-zero Gramian:
+    ones. If Newton has not converged after ``max_iter`` steps, SciPy's ``least_squares`` (as in
+    the FairGrad authors' code) polishes the iterate.
+
+    Example:
+        >>> w = solve_power_bargaining(np.diag([4.0, 9.0]), 1.0)  # orthogonal, norms 2 and 3
+        >>> np.round(w, 6).tolist()
+        [0.5, 0.333333]
+    """
+    if power <= 0:
+        raise ValueError(f"power must be > 0, found {power}")
+    g = gramian.detach().to("cpu", torch.float64).numpy() if isinstance(gramian, Tensor) else (
+        np.asarray(gramian, dtype=np.float64)
+    )
+    k = g.shape[0]
+    g = 0.5 * (g + g.T)
+    diag = np.clip(np.diag(g), 0.0, None)
+    top = float(diag.max()) if k else 0.0
+    if k == 0 or not math.isfinite(top) or top <= 0.0:
+        return np.ones(k)
+    live = diag > ZERO_ROW_TOL * top
+    a = g[np.ix_(live, live)] + reg * np.diag(diag[live])
+    w = _newton(a, power, max_iter=max_iter, tol=tol)
+    out = np.empty(k)
+    out[live] = w
+    out[~live] = w.max()
+    return out
+
+
+def _newton(a: np.ndarray, power: float, *, max_iter: int, tol: float) -> np.ndarray:
+    d = np.diag(a)
+    w = d ** (-1.0 / (1.0 + power))
+    # best multiple c·w along the ray: c^{1+p} wᵀAw = Σ w_i^{1-p}
+    c = (float((w ** (1.0 - power)).sum()) / float(w @ a @ w)) ** (1.0 / (1.0 + power))
+    w = c * w
+    for _ in range(max_iter):
+        if _relative_residual(a, w, power) < tol:
+            return w
+        r = a @ w - w ** (-power)
+        h = a + np.diag(power * w ** (-power - 1.0))
+        q = 1.0 / np.sqrt(np.diag(h))
+        try:
+            step = q * np.linalg.solve(h * q[:, None] * q[None, :], -q * r)
+        except np.linalg.LinAlgError:
+            step = q * np.linalg.lstsq(h * q[:, None] * q[None, :], -q * r, rcond=None)[0]
+        slope = float(r @ step)  # = −(Newton decrement)² < 0
+        t = 1.0
+        shrinking = step < 0
+        if shrinking.any():
+            t = min(1.0, 0.95 * float((-w[shrinking] / step[shrinking]).min()))
+        if -slope > 1e-12:  # far from the solution: Armijo backtracking on the potential
+            f0 = _potential(a, w, power)
+            while t > 1e-12 and _potential(a, w + t * step, power) > f0 + 1e-4 * t * slope:
+                t *= 0.5
+        w = w + t * step
+    if _relative_residual(a, w, power) < 1e-6:
+        return w
+    return _least_squares(a, w, power)
+
+
+def _least_squares(a: np.ndarray, w0: np.ndarray, power: float) -> np.ndarray:
+    from scipy.optimize import least_squares  # lazy: only when Newton did not converge
+
+    scale = w0.copy()
+
+    def residual(z: np.ndarray) -> np.ndarray:
+        w = z * scale
+        return (a @ w) * w**power - 1.0
+
+    result = least_squares(residual, np.ones_like(w0), bounds=(1e-12, np.inf), xtol=1e-15)
+    return np.asarray(result.x * scale)
+
+
+def clip_weights(
+    weights: Tensor, gramian: Tensor, max_norm: float, *, eps: float = 1e-6
+) -> Tensor:
+    """Scale ``weights`` so the update ``wᵀJ`` has norm at most ``max_norm`` (``‖wᵀJ‖² = wᵀGw``),
+    as ``torch.nn.utils.clip_grad_norm_`` would (factor ``max_norm / (norm + eps)``, capped at 1);
+    ``max_norm <= 0`` disables it."""
+    if max_norm <= 0:
+        return weights
+    g = gramian.to(torch.float64)
+    w = weights.to(torch.float64)
+    norm = (w @ g @ w).clamp_min(0.0).sqrt()
+    factor = (max_norm / (norm + eps)).clamp(max=1.0)
+    return (w * factor).to(weights.dtype)
+
+
+def seeded_generator(seed: int, counter: int, device: torch.device | str) -> torch.Generator:
+    """A generator on ``device`` for the ``counter``-th draw of a run seeded ``seed``: the pair
+    is mixed by NumPy's ``SeedSequence`` so consecutive counters give independent streams, and a
+    counter kept in a buffer makes the randomness checkpointable. (CPU and CUDA generators give
+    different streams for the same pair.)"""
+    state = np.random.SeedSequence([seed, counter]).generate_state(2, dtype=np.uint32)
+    mixed = (int(state[0]) << 31) ^ int(state[1])
+    generator = torch.Generator(device=device)
+    generator.manual_seed(mixed)
+    return generator
+
+
+def present_rows(num_rows: int, num_tasks: int, rows: Tensor | None, name: str) -> Tensor:
+    """Indices of the balancer's tasks that the ``num_rows`` rows of a Jacobian belong to:
+    ``rows`` when given, else all tasks (which needs ``num_rows == num_tasks``)."""
+    if rows is not None:
+        if rows.numel() != num_rows:
+            raise ValueError(f"{name}: rows has {rows.numel()} entries for {num_rows} Jacobian rows")
+        return rows
+    if num_rows != num_tasks:
+        raise ValueError(
+            f"{name} keeps per-task state for {num_tasks} tasks but the Jacobian has {num_rows} "
+            "rows; pass rows= (the task index of each row) or call backward(..., present=...)"
+        )
+    return torch.arange(num_tasks)

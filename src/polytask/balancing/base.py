@@ -1,0 +1,132 @@
+"""The balancer interface: how K task losses become one update, from any PyTorch loop.
+
+A ``Balancer`` takes the per-task losses (and, where its method needs them, the shared
+parameters or the shared features), fills ``.grad`` of every parameter that the losses depend on,
+and returns a ``BalanceResult`` saying what it decided (the task weights). It holds its state
+explicitly (learnable parameters, buffers, EMAs) so ``state_dict()`` checkpoints it.
+
+Example, a hand-written loop:
+    >>> import torch
+    >>> from polytask.balancing import BALANCERS
+    >>> from polytask.models import build_model
+    >>> from polytask.tasks import TaskSpec
+    >>> tasks = [TaskSpec("a", "regression"), TaskSpec("b", "binary")]
+    >>> model = build_model(tasks, (4,), encoder_params={"hidden": [8]})
+    >>> balancer = BALANCERS.get("uncertainty")(tasks)
+    >>> opt = torch.optim.AdamW([*model.parameters(), *balancer.parameters()], lr=1e-2)
+    >>> x, y = torch.randn(16, 4), {"a": torch.randn(16), "b": torch.rand(16).round()}
+    >>> out = model(x).outputs
+    >>> losses = {t.name: t.compute_loss(out[t.name], y[t.name])[0] for t in tasks}
+    >>> opt.zero_grad()
+    >>> result = balancer.backward(losses, shared_params=model.shared_parameters())
+    >>> opt.step()
+    >>> result.weights.shape
+    torch.Size([2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from polytask.registry import Registry
+from polytask.tasks import TaskSpec
+
+BALANCERS: Registry = Registry("balancing method")
+
+
+@dataclass
+class BalanceResult:
+    """What a balancer decided for one step (all tensors detached, on the losses' device)."""
+
+    weights: Tensor
+    loss: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+def task_names(tasks: Sequence[TaskSpec | str]) -> list[str]:
+    """Task names from specs or plain strings."""
+    return [t if isinstance(t, str) else t.name for t in tasks]
+
+
+def stack_losses(
+    names: Sequence[str], losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor
+) -> Tensor:
+    """The K losses as one vector in the balancer's task order."""
+    if isinstance(losses, Tensor):
+        vector = losses.reshape(-1)
+    elif isinstance(losses, Mapping):
+        missing = [n for n in names if n not in losses]
+        if missing:
+            raise KeyError(f"losses lack tasks {missing}; the balancer was built for {list(names)}")
+        vector = torch.stack([losses[n].reshape(()) for n in names])
+    else:
+        vector = torch.stack([loss.reshape(()) for loss in losses])
+    if vector.numel() != len(names):
+        raise ValueError(f"expected {len(names)} losses, found {vector.numel()}")
+    return vector
+
+
+class Balancer(nn.Module):
+    """Base class of every balancing method.
+
+    Subclasses declare what they need with class attributes, so a training loop asks instead of
+    branching on method names: ``needs_shared_params`` (per-task gradients of the shared
+    parameters) and ``needs_features`` (gradients with respect to the shared representation).
+    """
+
+    __provided__ = ("tasks",)
+    needs_shared_params: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False
+
+    def __init__(self, tasks: Sequence[TaskSpec | str]) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        self.task_names = task_names(tasks)
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once with the model before training (methods that need to know which
+        parameters are task-specific read them here); a no-op by default."""
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor,
+        *,
+        shared_params: Sequence[Tensor] | None = None,
+        features: Tensor | None = None,
+        present: Tensor | None = None,
+    ) -> BalanceResult:
+        """Fill ``.grad`` from ``losses``; ``present`` (bool ``[K]``) marks the tasks that had a
+        labelled sample this step (all of them when ``None``)."""
+        raise NotImplementedError
+
+
+class LossWeighting(Balancer):
+    """A method that combines the losses into one scalar and back-propagates it once."""
+
+    def combine(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        """(scalar to back-propagate, weights ``[K]``) for the loss vector ``losses``."""
+        raise NotImplementedError
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor,
+        *,
+        shared_params: Sequence[Tensor] | None = None,
+        features: Tensor | None = None,
+        present: Tensor | None = None,
+    ) -> BalanceResult:
+        vector = stack_losses(self.task_names, losses)
+        if present is None:
+            present = torch.ones_like(vector, dtype=torch.bool)
+        total, weights = self.combine(vector, present)
+        total.backward()
+        return BalanceResult(weights=weights.detach(), loss=total.detach())

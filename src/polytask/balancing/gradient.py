@@ -1,0 +1,194 @@
+"""Gradient aggregation: methods that look at every task's gradient before the update.
+
+A ``GradientAggregator`` receives the K×P Jacobian of the task losses with respect to the shared
+parameters (or, at ``level="features"``, with respect to the shared representation, as in
+MGDA-UB), computed in one batched backward, and returns one update direction. Task-specific
+parameters (the heads) receive the ordinary gradient of their own task's loss.
+
+Where a method's paper allows it, the method is a *weighting of the Gramian*: subclass
+``GramianWeightingAggregator`` and implement ``weights_from_gramian(G) -> w``; the update is
+``wᵀ J``. Such methods accept ``update_every=N``: the weights are recomputed every N steps and,
+in between, reused with a plain backward of ``Σ w_k L_k`` (no Jacobian at all), as Navon et al.
+(2022) do for Nash-MTL.
+
+Tasks absent from a batch (no labelled sample) are dropped from that step's Jacobian; their
+weight is reported as 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from polytask.balancing.base import Balancer, BalanceResult, stack_losses
+from polytask.balancing.jacobian import flatten_jacobian, gramian, task_jacobian
+from polytask.errors import ConfigError
+from polytask.tasks import TaskSpec
+
+Level = Literal["parameters", "features"]
+
+
+def graph_leaves(output: Tensor) -> list[Tensor]:
+    """Every leaf tensor requiring grad that ``output`` depends on (walks the autograd graph)."""
+    seen: set[int] = set()
+    leaves: list[Tensor] = []
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.append(variable)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return leaves
+
+
+class GradientAggregator(Balancer):
+    """Base class of the methods that aggregate per-task gradients.
+
+    Args:
+        tasks: the tasks, in the order of the losses.
+        level: ``parameters`` (per-task gradients of the shared parameters) or ``features``
+            (gradients with respect to the shared representation: cheaper for large encoders).
+        update_every: recompute the aggregation every N steps (Gramian weightings only).
+    """
+
+    #: whether the update is ``weights @ jacobian`` (so weights can be reused between steps)
+    linear_in_jacobian: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec | str],
+        *,
+        level: Level = "parameters",
+        update_every: int = 1,
+    ) -> None:
+        super().__init__(tasks)
+        if level not in ("parameters", "features"):
+            raise ConfigError(f"level must be 'parameters' or 'features', found {level!r}")
+        if update_every < 1:
+            raise ConfigError(f"update_every must be >= 1, found {update_every}")
+        if update_every > 1 and not self.linear_in_jacobian:
+            raise ConfigError(
+                f"{type(self).__name__} does not support update_every > 1 (its update is not a "
+                "weighting of the task gradients)"
+            )
+        self.level = level
+        self.update_every = update_every
+        self.needs_shared_params = level == "parameters"  # type: ignore[misc]
+        self.needs_features = level == "features"  # type: ignore[misc]
+        self.register_buffer("last_weights", torch.ones(self.num_tasks))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        """(update ``[P]``, weights ``[K]``) from the Jacobian ``[K, P]`` of the present tasks
+        and their losses ``[K]``."""
+        raise NotImplementedError
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor,
+        *,
+        shared_params: Sequence[Tensor] | None = None,
+        features: Tensor | None = None,
+        present: Tensor | None = None,
+    ) -> BalanceResult:
+        vector = stack_losses(self.task_names, losses)
+        shared = self._shared_inputs(shared_params, features)
+        step = int(self.steps)
+        self.steps += 1
+        if self.update_every > 1 and step % self.update_every != 0:
+            weights = self.last_weights.to(vector.dtype)
+            if present is not None:
+                weights = torch.where(present, weights, torch.zeros_like(weights))
+            total = (weights * vector).sum()
+            total.backward()
+            return BalanceResult(weights=weights.detach(), loss=total.detach())
+
+        keep = None if present is None or bool(present.all()) else present.nonzero().squeeze(1)
+        kept = vector if keep is None else vector[keep]
+        k = kept.numel()
+        # Task-specific parameters get the ordinary gradient of their own loss: the gradient of
+        # the sum, taken only with respect to them (the graph is kept for the Jacobian).
+        task_params = self._task_params(shared, kept)
+        if task_params:
+            torch.autograd.backward(kept.sum(), inputs=task_params, retain_graph=True)
+        weights_full = torch.zeros_like(vector)
+        if k == 0:
+            return BalanceResult(weights=weights_full, loss=vector.sum().detach())
+        blocks = task_jacobian(kept, shared)
+        jacobian = flatten_jacobian(blocks, shared, k)
+        update, weights = self.aggregate(jacobian, kept.detach())
+        if keep is None:
+            weights_full = weights.to(vector.dtype)
+        else:
+            weights_full[keep] = weights.to(vector.dtype)
+        self.last_weights.copy_(weights_full.detach())
+        self._apply_update(update.to(vector.dtype), shared)
+        return BalanceResult(weights=weights_full.detach(), loss=vector.sum().detach())
+
+    # ------------------------------------------------------------------ plumbing
+    def _shared_inputs(
+        self, shared_params: Sequence[Tensor] | None, features: Tensor | None
+    ) -> list[Tensor]:
+        if self.level == "features":
+            if features is None:
+                raise ValueError(f"{type(self).__name__}(level='features') needs features=")
+            return [features]
+        if not shared_params:
+            raise ValueError(f"{type(self).__name__} needs shared_params= (the shared parameters)")
+        return list(shared_params)
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Tell the aggregator which parameters belong to one task: they get the ordinary
+        gradient of their own task's loss (the model's ``task_parameters()``)."""
+        params = getattr(model, "task_parameters", None)
+        if params is not None:
+            self._task_parameters = [p for p in params() if p.requires_grad]
+
+    def _task_params(self, shared: Sequence[Tensor], losses: Tensor) -> list[Tensor]:
+        """The non-shared leaves the losses depend on: from ``attach(model)``, else found once by
+        walking the autograd graph."""
+        cached = getattr(self, "_task_parameters", None)
+        if cached is None:
+            shared_ids = {id(t) for t in shared}
+            cached = [t for t in graph_leaves(losses) if id(t) not in shared_ids]
+            if self.level == "features":  # the encoder lies below the features: not a task's
+                cached = []
+            self._task_parameters = cached
+        return cached
+
+    def _apply_update(self, update: Tensor, shared: Sequence[Tensor]) -> None:
+        if self.level == "features":
+            (feature,) = shared
+            torch.autograd.backward(feature, grad_tensors=update.reshape(feature.shape))
+            return
+        offset = 0
+        for p in shared:
+            n = p.numel()
+            g = update[offset : offset + n].view_as(p)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
+            offset += n
+
+
+class GramianWeightingAggregator(GradientAggregator):
+    """A method defined as a weighting of the Gramian ``G = J Jᵀ``: the update is ``wᵀ J``."""
+
+    linear_in_jacobian: ClassVar[bool] = True
+
+    def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        """Weights ``[K]`` from the Gramian ``[K, K]`` (float32/64) and the losses."""
+        raise NotImplementedError
+
+    def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        g = gramian(jacobian)
+        weights = self.weights_from_gramian(g, losses).to(jacobian.dtype)
+        return weights @ jacobian, weights

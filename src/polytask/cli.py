@@ -1,0 +1,195 @@
+"""The ``polytask`` command line: thin typer commands over the library.
+
+Library code raises ``PolytaskError``s; only this module turns them into one red line and exit
+code 1.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from polytask.errors import PolytaskError
+
+app = typer.Typer(
+    help="Multi-task learning for PyTorch: train, evaluate and predict with one model for "
+    "several tasks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.4f}"
+
+
+def print_results(result: Any) -> None:
+    """The per-task test table, with single-task baselines and Δm% when present."""
+    from polytask.evaluate import relative_gains
+
+    table = Table(title=f"test metrics — {result.run_dir}")
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("multi-task", justify="right")
+    gains: dict[str, dict[str, float]] = {}
+    if result.baselines is not None:
+        table.add_column("single-task", justify="right")
+        table.add_column("gain %", justify="right")
+        gains = relative_gains(result.test, result.baselines, result.tasks)
+    for task in result.tasks:
+        for i, metric in enumerate(task.metric_names):
+            row = [task.name if i == 0 else "", metric, _fmt(result.test[task.name].get(metric))]
+            if result.baselines is not None:
+                row.append(_fmt(result.baselines.get(task.name, {}).get(metric)))
+                gain = gains.get(task.name, {}).get(metric)
+                row.append("—" if gain is None else f"{gain:+.2f}")
+            table.add_row(*row)
+        table.add_section()
+    out.print(table)
+    if result.delta_m is not None:
+        out.print(
+            f"[bold]Δm% = {result.delta_m:+.2f}[/] (mean relative gain of every metric over the "
+            "single-task baselines; positive = multi-task is better)"
+        )
+
+
+@app.command()
+def train(
+    config: Annotated[
+        str | None, typer.Argument(help="YAML run configuration (omit with --resume)")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=3")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="continue the run in this folder from its last checkpoint")
+    ] = None,
+    single_task: Annotated[
+        bool, typer.Option("--single-task", help="also train single-task baselines (Δm%)")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+) -> None:
+    """Train a multi-task model from a YAML file and print each task's test metrics."""
+    from polytask.config import load_config
+    from polytask.recipe import resume_run, train_from_config
+
+    try:
+        if resume is not None:
+            if config is not None or overrides:
+                raise _fail("--resume takes the run folder only; the config is the run's own")
+            result = resume_run(resume, progress=progress)
+        else:
+            if config is None:
+                raise _fail(
+                    "give a config file (e.g. configs/multi-digits.yaml) or --resume RUN_DIR"
+                )
+            cfg = load_config(config, overrides or [])
+            err.print(f"run folder: {Path(cfg.output_dir) / cfg.name} (or the next free name)")
+            result = train_from_config(
+                cfg, progress=progress, baselines=True if single_task else None
+            )
+    except PolytaskError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail(
+            "interrupted; continue with: polytask train --resume <run folder>", code=130
+        ) from None
+    print_results(result)
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder made by `polytask train`")],
+    baselines: Annotated[
+        bool, typer.Option("--baselines", help="train missing single-task baselines for Δm%")
+    ] = False,
+) -> None:
+    """Evaluate a run's best checkpoint on its test split."""
+    from polytask.recipe import evaluate_run
+
+    try:
+        result = evaluate_run(run_dir, baselines=baselines)
+    except PolytaskError as exc:
+        raise _fail(str(exc)) from None
+    print_results(result)
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder made by `polytask train`")],
+    input: Annotated[Path, typer.Argument(help="CSV or Parquet file of inputs")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="CSV or Parquet file to write")],
+    checkpoint: Annotated[str, typer.Option(help="best or last")] = "best",
+) -> None:
+    """Predict every task for each row of a CSV/Parquet file (one column per task out)."""
+    from polytask.recipe import predict_file
+
+    try:
+        rows = predict_file(run_dir, input, output, checkpoint=checkpoint)
+    except PolytaskError as exc:
+        raise _fail(str(exc)) from None
+    err.print(f"wrote {rows} predictions to {output}")
+
+
+@app.command()
+def datasets() -> None:
+    """List the built-in datasets."""
+    from polytask.data.sources import DATASETS
+
+    table = Table(title="datasets")
+    table.add_column("name")
+    table.add_column("description")
+    for entry in DATASETS:
+        table.add_row(entry.name, entry.description)
+    out.print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List every registered component: balancing methods, architectures, encoders, heads,
+    datasets."""
+    from polytask.balancing import BALANCERS
+    from polytask.data.sources import DATASETS
+    from polytask.models import ARCHITECTURES, ENCODERS, HEADS
+
+    registries = {
+        "balancing": BALANCERS,
+        "architecture": ARCHITECTURES,
+        "encoder": ENCODERS,
+        "head": HEADS,
+        "dataset": DATASETS,
+    }
+    table = Table(title="registered components")
+    table.add_column("kind")
+    table.add_column("name")
+    table.add_column("description")
+    for kind, registry in registries.items():
+        for entry in registry:
+            table.add_row(kind, entry.name, entry.description)
+        table.add_section()
+    out.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except PolytaskError as exc:  # pragma: no cover - commands catch their own
+        err.print(f"[bold red]error:[/] {exc}")
+        sys.exit(1)

@@ -1,0 +1,208 @@
+"""The schema of a run's YAML file, validated at the boundary.
+
+``load_config(path, overrides)`` reads the YAML, applies ``key.sub=value`` overrides, validates
+types with pydantic and every registry name and parameter (dataset, encoder, head, architecture,
+balancing method), and raises one ``ConfigError`` listing *every* problem, each naming the file
+and the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from polytask.balancing import BALANCERS
+from polytask.data.sources import DATASETS
+from polytask.errors import ConfigError
+from polytask.models import ARCHITECTURES, ENCODERS, HEADS
+from polytask.registry import Registry
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """Which dataset, how it is split and batched."""
+
+    dataset: str = Field(description="a registered dataset name (`polytask datasets`)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the dataset's parameters")
+    tasks: list[str] | None = Field(None, description="train only these tasks (default: all)")
+    val_fraction: float = Field(0.15, ge=0, lt=1)
+    test_fraction: float = Field(0.15, ge=0, lt=1)
+    standardize: bool = True
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(1024, gt=0)
+
+
+class ModelConfig(_Strict):
+    """Encoder, heads and how tasks share them."""
+
+    encoder: str = "mlp"
+    encoder_params: dict[str, Any] = Field(default_factory=dict)
+    head: str = "linear"
+    head_params: dict[str, Any] = Field(default_factory=dict)
+    architecture: str = "hard_sharing"
+    architecture_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class BalancingConfig(_Strict):
+    """How task losses become one update."""
+
+    method: str = "equal"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up length, in epochs")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of lr")
+
+
+class EarlyStoppingConfig(_Strict):
+    metric: str = Field(
+        "loss", description="'loss' (mean validation loss) or '<task>/<metric>', e.g. left/accuracy"
+    )
+    patience: int | None = Field(None, gt=0, description="epochs without improvement; None = off")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, gt=0)
+    grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    deterministic: bool = True
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    progress: bool = True
+
+
+class EvaluateConfig(_Strict):
+    baselines: bool = Field(False, description="train single-task baselines and report Δm%")
+
+
+class RunConfig(_Strict):
+    """A whole run: everything `polytask train` needs."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    balancing: BalancingConfig = Field(default_factory=BalancingConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+
+def _location(loc: Sequence[int | str]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _registry_problems(config: RunConfig) -> list[str]:
+    data, model, balancing = config.data, config.model, config.balancing
+    checks: list[tuple[str, str, Registry[Any], str, Mapping[str, Any]]] = [
+        ("data.dataset", "data.params", DATASETS, data.dataset, data.params),
+        ("model.encoder", "model.encoder_params", ENCODERS, model.encoder, model.encoder_params),
+        ("model.head", "model.head_params", HEADS, model.head, model.head_params),
+        (
+            "model.architecture",
+            "model.architecture_params",
+            ARCHITECTURES,
+            model.architecture,
+            model.architecture_params,
+        ),
+        ("balancing.method", "balancing.params", BALANCERS, balancing.method, balancing.params),
+    ]
+    problems = []
+    for field, params_field, registry, name, params in checks:
+        if name not in registry:
+            known = ", ".join(registry.names())
+            problems.append(f"{field}: unknown {registry.kind} {name!r}; known: {known}")
+            continue
+        problems += [f"{params_field}: {p}" for p in registry.check_params(name, params)]
+    return problems
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` entries (values parsed as YAML) in a nested dict, in place."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.epochs=3")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def parse_config(raw: Any, *, source: str = "config") -> RunConfig:
+    """Validate a parsed YAML mapping; one ``ConfigError`` lists every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of sections, found {type(raw).__name__}"
+        )
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            lines.append(f"{_location(err['loc'])}: {msg}")
+        raise ConfigError(_format(source, lines)) from None
+    problems = _registry_problems(config)
+    if problems:
+        raise ConfigError(_format(source, problems))
+    return config
+
+
+def _format(source: str, problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"{source}: {problems[0]}"
+    return f"{source}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read, override and validate the YAML run configuration at ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(
+            f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"
+        ) from None
+    if isinstance(raw, dict):
+        apply_overrides(raw, overrides)
+    return parse_config(raw, source=str(path))
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """The resolved configuration, JSON/YAML-ready (every default filled in)."""
+    return config.model_dump(mode="json")

@@ -1,0 +1,274 @@
+"""One input, several label columns: tables, splits, standardisation and batches.
+
+A built-in source or a user's CSV/Parquet file becomes a ``MultiLabelTable`` (arrays in memory);
+``build_bundle`` splits it into train/validation/test by seed, fits standardisation on the
+training split only, and returns a ``DataBundle`` of ``MultiLabelDataset``s. ``BatchLoader``
+draws batches by slicing tensors (no per-sample Python work), reproducibly per (seed, epoch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from polytask.errors import DataError
+from polytask.tasks import TaskSpec
+
+Batch = tuple[Tensor, dict[str, Tensor]]
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class MultiLabelTable:
+    """Raw multi-task data: ``inputs[i]`` with ``targets[task][i]`` (missing labels encoded as in
+    ``polytask.tasks``), and optionally a fixed split (0 train, 1 validation, 2 test)."""
+
+    inputs: np.ndarray
+    targets: dict[str, np.ndarray]
+    tasks: list[TaskSpec]
+    feature_names: list[str] | None = None
+    split: np.ndarray | None = None
+    source: str = "dataset"
+
+    def validate(self) -> None:
+        """Raise ``DataError`` naming the source, task and first bad row."""
+        n = len(self.inputs)
+        if n == 0:
+            raise DataError(f"{self.source}: no samples")
+        for task in self.tasks:
+            if task.name not in self.targets:
+                raise DataError(f"{self.source}: no labels for task {task.name!r}")
+            y = self.targets[task.name]
+            if len(y) != n:
+                raise DataError(
+                    f"{self.source}: task {task.name!r} has {len(y)} labels for {n} samples"
+                )
+            if task.kind == "multiclass":
+                bad = np.flatnonzero((y < -1) | (y >= task.num_classes))
+                if len(bad):
+                    raise DataError(
+                        f"{self.source}: row {int(bad[0])}: label {int(y[bad[0]])} of task "
+                        f"{task.name!r} is out of range 0..{task.num_classes - 1} (-1 = missing)"
+                    )
+            elif task.kind in ("binary", "multilabel"):
+                flat = y.reshape(len(y), -1)
+                ok = np.isnan(flat) | np.isin(flat, (0.0, 1.0, -1.0))
+                bad = np.flatnonzero(~ok.all(axis=1))
+                if len(bad):
+                    raise DataError(
+                        f"{self.source}: row {int(bad[0])}: label of task {task.name!r} must be "
+                        f"0 or 1 (empty/NaN/-1 = missing), found {flat[bad[0]].tolist()}"
+                    )
+            if task.kind == "multilabel" and (y.ndim != 2 or y.shape[1] != task.num_classes):
+                raise DataError(
+                    f"{self.source}: task {task.name!r} needs {task.num_classes} label columns, "
+                    f"found shape {tuple(y.shape)}"
+                )
+        if not np.isfinite(self.inputs).all():
+            row = int(np.flatnonzero(~np.isfinite(self.inputs.reshape(n, -1)).all(axis=1))[0])
+            raise DataError(f"{self.source}: row {row}: input features contain NaN or infinity")
+        if self.split is not None and len(self.split) != n:
+            raise DataError(f"{self.source}: split has {len(self.split)} entries for {n} samples")
+
+
+def target_tensor(task: TaskSpec, values: np.ndarray) -> Tensor:
+    """Labels as the tensor type the task's loss expects (int64 classes, float32 otherwise)."""
+    if task.kind == "multiclass":
+        return torch.as_tensor(np.asarray(values), dtype=torch.int64)
+    y = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    if task.kind in ("binary", "multilabel"):
+        y = torch.where(y < 0, torch.full_like(y, float("nan")), y)
+    return y
+
+
+class MultiLabelDataset(Dataset[tuple[Tensor, dict[str, Tensor]]]):
+    """In-memory tensors: ``inputs`` ``[N, ...]`` and one label tensor per task."""
+
+    def __init__(self, inputs: Tensor, targets: dict[str, Tensor]) -> None:
+        self.inputs = inputs
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.inputs[index], {t: y[index] for t, y in self.targets.items()}
+
+    def take(self, index: Tensor) -> Batch:
+        """A batch of the rows in ``index`` (one gather per tensor)."""
+        return self.inputs[index], {t: y[index] for t, y in self.targets.items()}
+
+    def select_tasks(self, names: Sequence[str]) -> MultiLabelDataset:
+        """The same samples with only the labels of ``names``."""
+        return MultiLabelDataset(self.inputs, {n: self.targets[n] for n in names})
+
+
+@dataclass
+class Standardizer:
+    """Per-feature ``(x - mean) / std`` fitted on the training split; constant features keep
+    std 1."""
+
+    mean: Tensor
+    std: Tensor
+
+    @classmethod
+    def fit(cls, x: Tensor) -> Standardizer:
+        flat = x.reshape(x.shape[0], -1).double()
+        mean = flat.mean(dim=0)
+        std = flat.std(dim=0, correction=0)
+        std = torch.where(std > 1e-12, std, torch.ones_like(std))
+        return cls(mean.float().reshape(x.shape[1:]), std.float().reshape(x.shape[1:]))
+
+    def apply(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.mean.shape),
+            "mean": self.mean.reshape(-1).tolist(),
+            "std": self.std.reshape(-1).tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Standardizer:
+        shape = tuple(d["shape"])
+        return cls(torch.tensor(d["mean"]).reshape(shape), torch.tensor(d["std"]).reshape(shape))
+
+
+@dataclass
+class DataBundle:
+    """Train/validation/test datasets with everything needed to preprocess new inputs."""
+
+    tasks: list[TaskSpec]
+    train: MultiLabelDataset
+    val: MultiLabelDataset
+    test: MultiLabelDataset
+    input_shape: tuple[int, ...]
+    feature_names: list[str] | None = None
+    standardizer: Standardizer | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def preprocess(self, inputs: Tensor) -> Tensor:
+        """Apply the training split's standardisation to new inputs."""
+        return self.standardizer.apply(inputs) if self.standardizer is not None else inputs
+
+
+def split_indices(
+    n: int, *, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """A seeded random partition of ``range(n)`` into train/val/test index arrays."""
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"split fractions val={val_fraction}, test={test_fraction} must be in [0, 1) and sum "
+            "to less than 1"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = round(n * test_fraction)
+    n_val = round(n * val_fraction)
+    return {
+        "test": np.sort(perm[:n_test]),
+        "val": np.sort(perm[n_test : n_test + n_val]),
+        "train": np.sort(perm[n_test + n_val :]),
+    }
+
+
+def build_bundle(
+    table: MultiLabelTable,
+    *,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    standardize: bool = True,
+) -> DataBundle:
+    """Validate ``table``, split it (its fixed split if it has one, else by ``seed``), fit
+    input and regression-target standardisation on the training split, and wrap tensors."""
+    table.validate()
+    if table.split is not None:
+        parts = {name: np.flatnonzero(table.split == code) for code, name in enumerate(SPLITS)}
+    else:
+        parts = split_indices(
+            len(table.inputs), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+        )
+    if len(parts["train"]) == 0:
+        raise DataError(f"{table.source}: the training split is empty")
+    inputs = torch.as_tensor(np.asarray(table.inputs, dtype=np.float32))
+    targets = {t.name: target_tensor(t, table.targets[t.name]) for t in table.tasks}
+    train_idx = torch.as_tensor(parts["train"])
+    standardizer = Standardizer.fit(inputs[train_idx]) if standardize else None
+    if standardizer is not None:
+        inputs = standardizer.apply(inputs)
+    tasks = []
+    for task in table.tasks:
+        if task.kind == "regression":
+            y = targets[task.name][train_idx].reshape(len(train_idx), -1).double()
+            finite = torch.isfinite(y)
+            filled = torch.where(finite, y, torch.zeros_like(y))
+            count = finite.sum(dim=0).clamp_min(1)
+            mean = filled.sum(dim=0) / count
+            var = (torch.where(finite, y - mean, torch.zeros_like(y)) ** 2).sum(dim=0) / count
+            task = task.with_target_scale(mean, var.sqrt())
+        tasks.append(task)
+
+    def subset(name: str) -> MultiLabelDataset:
+        idx = torch.as_tensor(parts[name])
+        return MultiLabelDataset(inputs[idx].contiguous(), {t: y[idx] for t, y in targets.items()})
+
+    return DataBundle(
+        tasks=tasks,
+        train=subset("train"),
+        val=subset("val"),
+        test=subset("test"),
+        input_shape=tuple(inputs.shape[1:]),
+        feature_names=table.feature_names,
+        standardizer=standardizer,
+        info={"source": table.source, "sizes": {k: len(v) for k, v in parts.items()}},
+    )
+
+
+class BatchLoader:
+    """Mini-batches of an in-memory dataset by tensor slicing.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a run resumed at an epoch
+    boundary draws exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(
+        self,
+        dataset: MultiLabelDataset,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, found {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        for i in range(len(self)):
+            yield self.dataset.take(order[i * self.batch_size : (i + 1) * self.batch_size])

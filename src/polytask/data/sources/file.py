@@ -1,0 +1,39 @@
+"""``file``: a user's own CSV or Parquet file as a dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from polytask.data.files import read_frame, table_from_frame, tasks_from_dicts
+from polytask.data.multilabel import MultiLabelTable
+from polytask.data.sources import DATASETS
+from polytask.data.sources.common import provides_seed
+
+
+@DATASETS.register("file", "your own CSV or Parquet file: feature columns and label columns")
+@provides_seed
+def user_file(
+    *,
+    seed: int,
+    path: str,
+    tasks: list[dict[str, Any]],
+    features: list[str] | None = None,
+    split_column: str | None = None,
+) -> MultiLabelTable:
+    """A CSV (``.csv``, ``.csv.gz``) or Parquet (``.parquet``, ``.pq``) file, one sample per row.
+
+    ``tasks`` lists ``{name, kind, num_classes?, column? | columns?, loss?, metrics?, weight?}``
+    (see ``polytask.data.files.tasks_from_dicts``); ``features`` defaults to every column that is
+    neither a label nor ``split_column`` (values train/val/test; without it, the split is drawn by
+    seed). Empty cells are missing labels. ``seed`` is unused: the file is the data.
+    """
+    specs, columns = tasks_from_dicts(tasks, source=path)
+    return table_from_frame(
+        read_frame(Path(path)),
+        tasks=specs,
+        label_columns=columns,
+        feature_columns=features,
+        source=path,
+        split_column=split_column,
+    )

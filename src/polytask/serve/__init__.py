@@ -1,0 +1,1 @@
+"""Shipping a trained model: batch prediction (export and serving come later)."""

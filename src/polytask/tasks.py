@@ -1,0 +1,314 @@
+"""Tasks: what each head predicts, its loss over labelled samples only, and its metrics.
+
+Labels may be missing for any sample and any task:
+
+* ``multiclass``: an ``int64`` class index per sample, ``-1`` when missing;
+* ``binary``: a ``float32`` 0/1 per sample, ``NaN`` (or ``-1``) when missing;
+* ``multilabel``: a ``float32`` 0/1 per sample and label, ``NaN`` (or ``-1``) when missing;
+* ``regression``: a ``float32`` value (or vector) per sample, ``NaN`` when missing.
+
+A task's loss averages over its labelled samples (elements for multilabel and vector regression)
+only; a task with no labelled sample in a batch contributes exactly zero and is *absent* that step.
+
+Example:
+    >>> import torch
+    >>> task = TaskSpec("digit", "multiclass", num_classes=3)
+    >>> loss, count = task.compute_loss(torch.zeros(2, 3), torch.tensor([-1, -1]))
+    >>> float(loss), int(count)
+    (0.0, 0)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection, classification, regression
+
+from polytask.errors import ConfigError
+
+TaskKind = Literal["binary", "multiclass", "multilabel", "regression"]
+TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
+
+#: loss name → (kinds it applies to)
+LOSSES: dict[str, tuple[str, ...]] = {
+    "cross_entropy": ("multiclass",),
+    "bce": ("binary", "multilabel"),
+    "mse": ("regression",),
+    "l1": ("regression",),
+    "huber": ("regression",),
+}
+DEFAULT_LOSS: dict[str, str] = {
+    "multiclass": "cross_entropy",
+    "binary": "bce",
+    "multilabel": "bce",
+    "regression": "mse",
+}
+#: metric name → higher is better, per kind (the first ones are the defaults)
+METRICS: dict[str, dict[str, bool]] = {
+    "binary": {"accuracy": True, "auroc": True, "f1": True, "precision": True, "recall": True},
+    "multiclass": {
+        "accuracy": True,
+        "macro_f1": True,
+        "macro_precision": True,
+        "macro_recall": True,
+    },
+    "multilabel": {
+        "accuracy": True,
+        "macro_f1": True,
+        "auroc": True,
+        "macro_precision": True,
+        "macro_recall": True,
+    },
+    "regression": {"rmse": False, "mae": False, "r2": True},
+}
+DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("accuracy", "auroc", "f1"),
+    "multiclass": ("accuracy", "macro_f1"),
+    "multilabel": ("accuracy", "macro_f1", "auroc"),
+    "regression": ("rmse", "mae", "r2"),
+}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a multi-task model.
+
+    Args:
+        name: the task's name (a key of the model's output and of each batch's targets).
+        kind: ``binary``, ``multiclass``, ``multilabel`` or ``regression``.
+        num_classes: classes (multiclass), labels (multilabel) or outputs (regression); 1 for
+            binary.
+        loss: a name from ``LOSSES`` valid for ``kind``; the kind's default when ``None``.
+        metrics: names from ``METRICS[kind]``; the kind's defaults when ``None``.
+        weight: a fixed factor on this task's loss (the balancer's weights multiply it).
+        target_mean, target_std: regression targets are standardised with these (fitted on the
+            training split) inside the loss; predictions are returned in the original units.
+    """
+
+    name: str
+    kind: TaskKind
+    num_classes: int = 1
+    loss: str | None = None
+    metrics: tuple[str, ...] | None = None
+    weight: float = 1.0
+    target_mean: tuple[float, ...] | None = field(default=None)
+    target_std: tuple[float, ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(f"task {self.name!r}: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every inconsistency in this spec, as readable sentences."""
+        out: list[str] = []
+        if self.kind not in TASK_KINDS:
+            out.append(f"unknown kind {self.kind!r}; valid: {', '.join(TASK_KINDS)}")
+            return out
+        if self.kind == "multiclass" and self.num_classes < 2:
+            out.append("a multiclass task needs num_classes >= 2")
+        if self.kind == "binary" and self.num_classes != 1:
+            out.append("a binary task has num_classes 1")
+        if self.num_classes < 1:
+            out.append("num_classes must be >= 1")
+        if self.loss is not None and self.kind not in LOSSES.get(self.loss, ()):
+            valid = [name for name, kinds in LOSSES.items() if self.kind in kinds]
+            out.append(
+                f"loss {self.loss!r} does not apply to {self.kind}; valid: {', '.join(valid)}"
+            )
+        for metric in self.metrics or ():
+            if metric not in METRICS[self.kind]:
+                out.append(
+                    f"metric {metric!r} does not apply to {self.kind}; "
+                    f"valid: {', '.join(METRICS[self.kind])}"
+                )
+        return out
+
+    # ----------------------------------------------------------------- shapes and names
+    @property
+    def output_dim(self) -> int:
+        """Width of the head's last layer."""
+        return 1 if self.kind == "binary" else self.num_classes
+
+    @property
+    def loss_name(self) -> str:
+        return self.loss or DEFAULT_LOSS[self.kind]
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return tuple(self.metrics) if self.metrics else DEFAULT_METRICS[self.kind]
+
+    def higher_is_better(self, metric: str) -> bool:
+        """Whether a larger value of ``metric`` is better (for early stopping and Δm%)."""
+        if metric == "loss":
+            return False
+        return METRICS[self.kind][metric]
+
+    def with_target_scale(self, mean: Tensor, std: Tensor) -> TaskSpec:
+        """A copy whose regression targets are standardised by ``mean`` and ``std``."""
+        return replace(
+            self,
+            target_mean=tuple(float(v) for v in mean.reshape(-1)),
+            target_std=tuple(float(v) if v > 0 else 1.0 for v in std.reshape(-1)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``TaskSpec(**d)`` rebuilds it)."""
+        d: dict[str, Any] = {"name": self.name, "kind": self.kind, "num_classes": self.num_classes}
+        for key in ("loss", "metrics", "target_mean", "target_std"):
+            value = getattr(self, key)
+            if value is not None:
+                d[key] = list(value) if isinstance(value, tuple) else value
+        if self.weight != 1.0:
+            d["weight"] = self.weight
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TaskSpec:
+        d = dict(d)
+        for key in ("metrics", "target_mean", "target_std"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    # ----------------------------------------------------------------- labels and loss
+    def label_mask(self, target: Tensor) -> Tensor:
+        """Boolean mask of labelled entries: per sample, or per element for multilabel and
+        vector regression."""
+        if self.kind == "multiclass":
+            return target >= 0
+        if self.kind == "regression":
+            return torch.isfinite(target)
+        return torch.isfinite(target) & (target >= 0)
+
+    def _standardise(self, target: Tensor) -> Tensor:
+        if self.target_mean is None or self.target_std is None:
+            return target
+        mean = torch.tensor(self.target_mean, dtype=target.dtype, device=target.device)
+        std = torch.tensor(self.target_std, dtype=target.dtype, device=target.device)
+        if target.dim() == 1:
+            mean, std = mean[0], std[0]
+        return (target - mean) / std
+
+    def compute_loss(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean loss over labelled entries, number of labelled entries).
+
+        Both are tensors (no host synchronisation); the loss is exactly 0 with a zero count
+        when nothing is labelled.
+        """
+        mask = self.label_mask(target)
+        count = mask.sum()
+        if self.kind == "multiclass":
+            per = F.cross_entropy(output, target.clamp_min(0), reduction="none")
+        elif self.kind in ("binary", "multilabel"):
+            clean = torch.where(mask, target, torch.zeros_like(target))
+            per = F.binary_cross_entropy_with_logits(output, clean, reduction="none")
+        else:
+            clean = torch.where(mask, self._standardise(target), torch.zeros_like(target))
+            if self.loss_name == "mse":
+                per = F.mse_loss(output, clean, reduction="none")
+            elif self.loss_name == "l1":
+                per = F.l1_loss(output, clean, reduction="none")
+            else:
+                per = F.huber_loss(output, clean, reduction="none")
+        per = torch.where(mask, per, torch.zeros_like(per))
+        return per.sum() / count.clamp_min(1).to(per.dtype), count
+
+    # ----------------------------------------------------------------- predictions
+    def decode(self, output: Tensor) -> Tensor:
+        """Head output → prediction: probabilities (binary, multilabel: per label; multiclass:
+        per class) or values in the targets' original units (regression)."""
+        if self.kind == "multiclass":
+            return output.softmax(dim=-1)
+        if self.kind in ("binary", "multilabel"):
+            return output.sigmoid()
+        if self.target_mean is None or self.target_std is None:
+            return output
+        mean = torch.tensor(self.target_mean, dtype=output.dtype, device=output.device)
+        std = torch.tensor(self.target_std, dtype=output.dtype, device=output.device)
+        if output.dim() == 1:
+            mean, std = mean[0], std[0]
+        return output * std + mean
+
+    # ----------------------------------------------------------------- metrics
+    def make_metrics(self) -> MetricCollection:
+        """Fresh torchmetrics (DDP-aware) for this task; update them with
+        ``update_metrics``."""
+        metrics: dict[str, Metric] = {}
+        n = self.num_classes
+        for name in self.metric_names:
+            metrics[name] = _build_metric(self.kind, name, n)
+        return MetricCollection(metrics)
+
+    def update_metrics(self, metrics: MetricCollection, output: Tensor, target: Tensor) -> None:
+        """Feed one batch (raw head output, raw targets) to ``metrics``, skipping unlabelled
+        entries."""
+        prediction = self.decode(output.detach())
+        if self.kind == "regression":
+            mask = self.label_mask(target)
+            if mask.dim() > 1:  # a row counts when all its outputs are labelled
+                mask = mask.all(dim=-1)
+            if bool(mask.any()):
+                metrics.update(prediction[mask], target[mask])
+            return
+        mask = self.label_mask(target)
+        clean = torch.where(mask, target, torch.full_like(target, -1)).long()
+        metrics.update(prediction, clean)
+
+
+def _build_metric(kind: str, name: str, n: int) -> Metric:
+    if kind == "regression":
+        if name == "rmse":
+            return regression.MeanSquaredError(squared=False, num_outputs=n)
+        if name == "mae":
+            return regression.MeanAbsoluteError(num_outputs=n)
+        return regression.R2Score(multioutput="uniform_average")
+    if kind == "binary":
+        cls = {
+            "accuracy": classification.BinaryAccuracy,
+            "auroc": classification.BinaryAUROC,
+            "f1": classification.BinaryF1Score,
+            "precision": classification.BinaryPrecision,
+            "recall": classification.BinaryRecall,
+        }[name]
+        return cls(ignore_index=-1)  # type: ignore[no-any-return]
+    if kind == "multiclass":
+        if name == "accuracy":
+            return classification.MulticlassAccuracy(n, average="micro", ignore_index=-1)
+        cls_mc = {
+            "macro_f1": classification.MulticlassF1Score,
+            "macro_precision": classification.MulticlassPrecision,
+            "macro_recall": classification.MulticlassRecall,
+        }[name]
+        return cls_mc(n, average="macro", ignore_index=-1)  # type: ignore[no-any-return]
+    if name == "accuracy":
+        return classification.MultilabelAccuracy(n, average="micro", ignore_index=-1)
+    if name == "auroc":
+        return classification.MultilabelAUROC(n, average="macro", ignore_index=-1)
+    cls_ml = {
+        "macro_f1": classification.MultilabelF1Score,
+        "macro_precision": classification.MultilabelPrecision,
+        "macro_recall": classification.MultilabelRecall,
+    }[name]
+    return cls_ml(n, average="macro", ignore_index=-1)  # type: ignore[no-any-return]
+
+
+def compute_metrics(metrics: MetricCollection) -> dict[str, float]:
+    """Plain floats from a metric collection (NaN where a metric has seen no labelled data)."""
+    out: dict[str, float] = {}
+    for name, metric in metrics.items():
+        if not metric.update_called:
+            out[name] = math.nan
+            continue
+        try:
+            value = metric.compute()
+        except ValueError:  # e.g. R² of a single labelled sample
+            out[name] = math.nan
+            continue
+        out[name] = float(value.float().mean())
+    return out

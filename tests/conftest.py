@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny, seconds-long run configuration."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {
+        "dataset": "mmoe-synthetic",
+        "params": {"num_samples": 600, "input_dim": 16, "missing_fraction": 0.2},
+        "batch_size": 64,
+    },
+    "model": {"encoder": "mlp", "encoder_params": {"hidden": [16, 16]}},
+    "balancing": {"method": "uncertainty"},
+    "optimizer": {"name": "adamw", "lr": 0.01},
+    "schedule": {"name": "cosine", "warmup_epochs": 0.5},
+    "train": {"epochs": 3, "progress": False, "grad_clip": 1.0},
+}
+
+
+@pytest.fixture
+def tiny_raw(tmp_path: Path) -> dict[str, Any]:
+    """A fresh copy of the tiny configuration writing its runs under ``tmp_path``."""
+    raw = copy.deepcopy(TINY)
+    raw["output_dir"] = str(tmp_path / "runs")
+    return raw
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path: Path, tiny_raw: dict[str, Any]) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw))
+    return path

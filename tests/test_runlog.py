@@ -1,0 +1,112 @@
+"""Run log: metrics.jsonl round trips, truncation on resume, curve plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from polytask.errors import CheckpointError
+from polytask.train.runlog import MetricsLog, plot_curves, read_metrics, truncate_after
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _record(epoch: int, tasks: list[str], *, val: bool = True) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "step": 10 * epoch,
+        "lr": 0.001,
+        "time_s": 3.2,
+        "train": {t: {"loss": 1.0 / epoch + i, "absent_steps": 0} for i, t in enumerate(tasks)},
+        "weights": {t: 1.0 + 0.1 * i * epoch for i, t in enumerate(tasks)},
+    }
+    if val:
+        record["val"] = {
+            t: {"accuracy": 0.5 + 0.05 * epoch, "macro_f1": 0.4 + 0.05 * epoch, "loss": 0.9}
+            for t in tasks
+        }
+    return record
+
+
+def test_jsonl_round_trip_writes_nan_as_null(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path / "run")
+    assert log.path == tmp_path / "run" / "metrics.jsonl" and log.path.exists()
+    assert read_metrics(log.path) == []
+
+    log.append({"epoch": 1, "val": {"a": {"loss": math.nan, "f1": math.inf}}, "t": (1, 2)})
+    log.append({"epoch": 2, "lr": np.float32(0.5), "steps": np.int64(7), "x": -math.inf})
+    lines = log.path.read_text().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert read_metrics(log.path) == [
+        {"epoch": 1, "val": {"a": {"loss": None, "f1": None}}, "t": [1, 2]},
+        {"epoch": 2, "lr": 0.5, "steps": 7, "x": None},
+    ]
+    assert read_metrics(tmp_path / "run") == log.read()  # a run folder works too
+    assert MetricsLog(log.path).path == log.path  # so does the file itself
+
+
+def test_torn_last_line_is_skipped_and_not_glued_to_the_next(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path)
+    log.append({"epoch": 1})
+    with open(log.path, "a") as file:
+        file.write('{"epoch": 2, "tra')  # crash mid-line
+    with pytest.warns(RuntimeWarning, match="metrics.jsonl:2"):
+        assert read_metrics(log.path) == [{"epoch": 1}]
+    log.append({"epoch": 2})
+    with pytest.warns(RuntimeWarning):
+        assert read_metrics(log.path) == [{"epoch": 1}, {"epoch": 2}]
+
+
+def test_truncate_after_keeps_epochs_up_to_the_checkpoint(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path)
+    for epoch in range(1, 6):
+        log.append({"epoch": epoch, "loss": float(epoch)})
+    log.append({"summary": True})  # no epoch: dropped as well
+
+    truncate_after(log.path, 3)
+    assert [r["epoch"] for r in read_metrics(log.path)] == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no tmp file
+
+    log.append({"epoch": 4, "loss": 0.5})  # the same MetricsLog keeps working after it
+    assert [r["epoch"] for r in read_metrics(log.path)] == [1, 2, 3, 4]
+    truncate_after(tmp_path, 0)
+    assert read_metrics(log.path) == []
+    truncate_after(tmp_path / "nothing.jsonl", 2)  # missing file: nothing to do
+    assert not (tmp_path / "nothing.jsonl").exists()
+
+
+def test_missing_log_is_a_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="metrics log not found"):
+        read_metrics(tmp_path / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("n_tasks", [1, 4])
+def test_plot_curves_writes_a_png(tmp_path: Path, n_tasks: int) -> None:
+    tasks = ["left", "right", "up", "down"][:n_tasks]
+    records = [_record(epoch, tasks, val=epoch % 2 == 1) for epoch in range(1, 5)]
+    records[1]["train"][tasks[0]]["loss"] = None  # nulls and missing entries are skipped
+    records[2]["val"][tasks[-1]]["macro_f1"] = math.nan
+    del records[3]["weights"]
+    path = tmp_path / "curves.png"
+    plot_curves(records, path, title=f"{n_tasks} tasks")
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_plot_curves_tolerates_sparse_records(tmp_path: Path) -> None:
+    records: list[dict[str, Any]] = [
+        {"epoch": 1, "train": {"a": {"loss": 0.7}}},  # no val, no weights
+        {"epoch": 2, "train": {"a": {}}, "val": None, "weights": None},
+        {"train": {"a": {"loss": 0.1}}},  # no epoch: skipped
+        {"epoch": 3, "train": {"a": {"loss": "oops"}}, "val": {"a": {"accuracy": None}}},
+    ]
+    for name, recs in [("sparse.png", records), ("empty.png", []), ("one.png", records[:1])]:
+        plot_curves(recs, tmp_path / name)
+        assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)

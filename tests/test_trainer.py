@@ -1,0 +1,116 @@
+"""Training end to end through the library: determinism, resume equality, missing labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from polytask.config import parse_config
+from polytask.recipe import load_trained, resume_run, train_from_config
+from polytask.train.checkpoint import load_checkpoint
+from polytask.train.runlog import read_metrics
+
+
+def _records(path: Path) -> list[dict]:
+    """The metrics log without wall-clock times (the only field allowed to differ)."""
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in read_metrics(path)]
+
+
+def _train(raw: dict, run_dir: Path, **kwargs):
+    return train_from_config(parse_config(raw), run_dir=run_dir, **kwargs)
+
+
+def test_same_config_and_seed_give_identical_metrics(tiny_raw: dict, tmp_path: Path) -> None:
+    a = _train(tiny_raw, tmp_path / "a")
+    b = _train(tiny_raw, tmp_path / "b")
+    assert a.test == b.test
+    assert _records(tmp_path / "a" / "metrics.jsonl") == _records(tmp_path / "b" / "metrics.jsonl")
+
+
+def test_run_folder_contents(tiny_raw: dict, tmp_path: Path) -> None:
+    result = _train(tiny_raw, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.yaml", "run.json", "metrics.jsonl", "curves.png", "results.json"):
+        assert (run / name).is_file(), name
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert set(records[0]["train"]) == {"t1", "t2"} and set(records[0]["weights"]) == {"t1", "t2"}
+    assert "rmse" in records[0]["val"]["t1"]
+    state = load_checkpoint(run / "checkpoints" / "last.safetensors")
+    assert state["epoch"] == 3 and "log_vars" in state["balancer"]
+    assert set(state) >= {"model", "optimizer", "scheduler", "rng", "metadata"}
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run / "results.json").read_text())["test"] == result.test
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_then_resumed_run_matches_uninterrupted(tiny_raw: dict, tmp_path: Path):
+    tiny_raw["train"]["epochs"] = 4
+    tiny_raw["model"]["encoder_params"]["dropout"] = 0.2  # exercises the RNG state too
+    full = _train(tiny_raw, tmp_path / "full")
+
+    def stop_after_two(record: dict) -> None:
+        if record["epoch"] == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        _train(tiny_raw, tmp_path / "cut", callbacks=[stop_after_two])
+    resumed = resume_run(tmp_path / "cut", progress=False)
+    assert resumed.test == full.test
+    assert _records(tmp_path / "cut" / "metrics.jsonl") == _records(
+        tmp_path / "full" / "metrics.jsonl"
+    )
+
+
+def test_resume_drops_log_lines_written_after_the_checkpoint(tiny_raw: dict, tmp_path: Path):
+    _train(tiny_raw, tmp_path / "run")
+    log = tmp_path / "run" / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([*lines, lines[-1].replace('"epoch": 3', '"epoch": 4')]) + "\n")
+    resume_run(tmp_path / "run", progress=False)  # already finished: nothing more to train
+    assert [r["epoch"] for r in read_metrics(log)] == [1, 2, 3]
+
+
+def test_a_task_missing_from_every_batch_trains_without_nan(tiny_raw: dict, tmp_path: Path):
+    tiny_raw["data"]["params"]["missing_fraction"] = 0.97
+    tiny_raw["data"]["batch_size"] = 16
+    result = _train(tiny_raw, tmp_path / "run")
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert any(r["train"]["t1"]["absent_steps"] > 0 for r in records)
+    trained = load_trained(tmp_path / "run")
+    for p in trained.model.parameters():
+        assert p.isfinite().all()
+    assert set(result.test) == {"t1", "t2"}
+
+
+def test_early_stopping_stops(tiny_raw: dict, tmp_path: Path) -> None:
+    tiny_raw["train"]["epochs"] = 30
+    tiny_raw["optimizer"]["lr"] = 0.05
+    tiny_raw["train"]["early_stopping"] = {"metric": "t1/rmse", "patience": 1, "min_delta": 10.0}
+    result = _train(tiny_raw, tmp_path / "run")
+    assert result.fit is not None and result.fit.stopped_early
+    assert result.fit.epochs_run == 2 and result.fit.best_epoch == 1
+
+
+def test_bad_early_stopping_metric_names_field(tiny_raw: dict, tmp_path: Path) -> None:
+    from polytask.errors import ConfigError
+
+    tiny_raw["train"]["early_stopping"] = {"metric": "t1/accuracy"}
+    with pytest.raises(ConfigError, match=r"train.early_stopping.metric: task 't1' has no metric"):
+        _train(tiny_raw, tmp_path / "run")
+
+
+def test_sgd_and_constant_schedule(tiny_raw: dict, tmp_path: Path) -> None:
+    tiny_raw["optimizer"] = {"name": "sgd", "lr": 0.01, "momentum": 0.9}
+    tiny_raw["schedule"] = {"name": "constant"}
+    tiny_raw["balancing"] = {"method": "equal"}
+    result = _train(tiny_raw, tmp_path / "run")
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert records[-1]["lr"] == pytest.approx(0.01)
+    assert records[0]["weights"] == {"t1": 1.0, "t2": 1.0}
+    assert result.test["t1"]["rmse"] > 0

@@ -175,3 +175,18 @@ def test_shipped_recipes_start(config: Path, tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(raw))
     result = run("train", path, "--no-progress")
     assert result.exit_code == 0, result.output
+
+
+def test_compare_groups_runs_by_name(tiny_yaml: Path, tmp_path: Path) -> None:
+    for seed in (0, 1):
+        result = run("train", tiny_yaml, "--no-progress", "train.epochs=1", f"seed={seed}")
+        assert result.exit_code == 0, result.output
+    md = tmp_path / "cmp.md"
+    compared = run(
+        "compare", tmp_path / "runs" / "tiny", tmp_path / "runs" / "tiny-2", "--markdown", md
+    )
+    assert compared.exit_code == 0, compared.output
+    text = md.read_text()
+    assert "| task | metric | tiny |" in text and "(n=2)" in text and "| t1 | rmse |" in text
+    out = _one_error_line(run("compare", tmp_path / "nothing"))
+    assert "not a polytask run folder" in out

@@ -67,5 +67,5 @@ def test_overrides(tiny_yaml: Path) -> None:
     assert config.data.params["correlation"] == 0.9
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(tiny_yaml, ["train.epochs"])
-    with pytest.raises(ConfigError, match="train.epocs: unknown key"):
+    with pytest.raises(ConfigError, match=r"train\.epocs: unknown key"):
         load_config(tiny_yaml, ["train.epocs=2"])

@@ -148,6 +148,46 @@ def predict(
 
 
 @app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run folders made by `polytask train`")],
+    markdown: Annotated[
+        Path | None, typer.Option(help="also write the table as Markdown to this file")
+    ] = None,
+) -> None:
+    """Compare runs side by side: test metrics per task, mean ± std over the runs that share a
+    configuration name (e.g. several seeds of one setting)."""
+    import json
+
+    from polytask.evaluate import comparison_markdown, summarize_groups
+    from polytask.recipe import read_run_config
+
+    groups: dict[str, list[dict[str, dict[str, float]]]] = {}
+    try:
+        for run_dir in run_dirs:
+            name = read_run_config(run_dir).name
+            results = run_dir / "results.json"
+            if not results.is_file():
+                raise PolytaskError(f"{run_dir}: no results.json (did the run finish?)")
+            groups.setdefault(name, []).append(json.loads(results.read_text())["test"])
+    except PolytaskError as exc:
+        raise _fail(str(exc)) from None
+    summary = summarize_groups(groups)
+    table = Table(title="test metrics (mean ± std over runs)")
+    table.add_column("task")
+    table.add_column("metric")
+    for label in summary:
+        table.add_column(f"{label} (n={len(groups[label])})", justify="right")
+    text = comparison_markdown(summary)
+    for line in text.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        table.add_row(cells[0], cells[1], *[c.split(" (n=")[0] for c in cells[2:]])
+    out.print(table)
+    if markdown is not None:
+        markdown.write_text(text + "\n")
+        err.print(f"wrote {markdown}")
+
+
+@app.command()
 def datasets() -> None:
     """List the built-in datasets."""
     from polytask.data.sources import DATASETS

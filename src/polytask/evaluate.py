@@ -129,3 +129,63 @@ def delta_m(
         g for per_task in relative_gains(multi, single, tasks).values() for g in per_task.values()
     ]
     return sum(values) / len(values) if values else math.nan
+
+
+def summarize_groups(
+    groups: Mapping[str, Sequence[Mapping[str, Mapping[str, float]]]],
+) -> dict[str, dict[str, dict[str, tuple[float, float, int]]]]:
+    """Per group label, task and metric: (mean, sample std, number of runs) over the group's
+    runs (e.g. the seeds of one setting). NaN values are left out."""
+    summary: dict[str, dict[str, dict[str, tuple[float, float, int]]]] = {}
+    for label, runs in groups.items():
+        values: dict[tuple[str, str], list[float]] = {}
+        for metrics in runs:
+            for task, per_task in metrics.items():
+                for metric, value in per_task.items():
+                    if value is not None and not math.isnan(value):
+                        values.setdefault((task, metric), []).append(float(value))
+        for (task, metric), xs in values.items():
+            mean = sum(xs) / len(xs)
+            std = (
+                math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+            )
+            summary.setdefault(label, {}).setdefault(task, {})[metric] = (mean, std, len(xs))
+    return summary
+
+
+def comparison_markdown(
+    summary: Mapping[str, Mapping[str, Mapping[str, tuple[float, float, int]]]],
+    *,
+    metrics: Sequence[str] | None = None,
+    digits: int = 4,
+) -> str:
+    """A Markdown table: one row per (task, metric), one column per group, ``mean ± std``.
+
+    Example:
+        >>> s = summarize_groups({"a": [{"t": {"acc": 0.5}}, {"t": {"acc": 0.7}}]})
+        >>> print(comparison_markdown(s, digits=2))
+        | task | metric | a |
+        |---|---|---|
+        | t | acc | 0.60 ± 0.14 (n=2) |
+    """
+    labels = list(summary)
+    rows: list[tuple[str, str]] = []
+    for label in labels:
+        for task, per_task in summary[label].items():
+            for metric in per_task:
+                if metric == "loss" or (metrics is not None and metric not in metrics):
+                    continue
+                if (task, metric) not in rows:
+                    rows.append((task, metric))
+    lines = ["| task | metric | " + " | ".join(labels) + " |", "|---" * (len(labels) + 2) + "|"]
+    for task, metric in rows:
+        cells = []
+        for label in labels:
+            stat = summary[label].get(task, {}).get(metric)
+            if stat is None:
+                cells.append("—")
+            else:
+                mean, std, n = stat
+                cells.append(f"{mean:.{digits}f} ± {std:.{digits}f} (n={n})")
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -60,6 +60,8 @@ class GradientAggregator(Balancer):
 
     #: whether the update is ``weights @ jacobian`` (so weights can be reused between steps)
     linear_in_jacobian: ClassVar[bool] = False
+    last_weights: Tensor
+    steps: Tensor
 
     def __init__(
         self,

@@ -378,15 +378,13 @@ class Trainer:
             return
         parts = [f"epoch {record['epoch']}/{self.epochs}"]
         for task in self.tasks:
-            val = record["val"].get(task.name, {})
-            shown = ", ".join(
-                f"{m} {val[m]:.4f}" for m in task.metric_names[:2] if m in val and val[m] == val[m]
-            )
-            parts.append(
-                f"{task.name}: loss {record['train'][task.name]['loss']:.4f}"
-                + (f" | val {shown}" if shown else "")
-            )
-        bar.console.print("  ".join(parts), highlight=False)
+            metric = task.metric_names[0]
+            value = record["val"].get(task.name, {}).get(metric)
+            loss = record["train"][task.name]["loss"]
+            shown = f"val {metric} {value:.4f}" if value == value and value is not None else ""
+            parts.append(f"{task.name}: loss {loss:.4f} {shown}".rstrip())
+        parts.append(f"{record['time_s']:.1f}s")
+        bar.console.print(" · ".join(parts), highlight=False, soft_wrap=True)
 
 
 def early_stopping_for(

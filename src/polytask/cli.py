@@ -84,10 +84,54 @@ def train(
         bool, typer.Option("--single-task", help="also train single-task baselines (Δm%)")
     ] = False,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+    nproc_per_node: Annotated[
+        int | None,
+        typer.Option(help="data-parallel processes on this machine (launches torchrun + DDP)"),
+    ] = None,
+    nnodes: Annotated[str, typer.Option(help="number of machines (torchrun's --nnodes)")] = "1",
+    node_rank: Annotated[int | None, typer.Option(help="this machine's rank")] = None,
+    master_addr: Annotated[str | None, typer.Option(help="address of the rank-0 machine")] = None,
+    master_port: Annotated[int | None, typer.Option(help="port of the rank-0 machine")] = None,
 ) -> None:
-    """Train a multi-task model from a YAML file and print each task's test metrics."""
+    """Train a multi-task model from a YAML file and print each task's test metrics.
+
+    With --nproc-per-node N (and --nnodes, --node-rank, --master-addr, --master-port for several
+    machines, as for torchrun) the run is launched through torch.distributed.run: N processes
+    with DistributedDataParallel, gloo on CPU and NCCL on GPU; data.batch_size is per process.
+    `torchrun -m polytask train CONFIG` works too."""
+    import os
+
     from polytask.config import load_config
     from polytask.recipe import resume_run, train_from_config
+
+    if nproc_per_node is not None and "WORLD_SIZE" not in os.environ:
+        from polytask.train.distributed import launch, torchrun_arguments
+
+        command = ["train"]
+        if resume is not None:
+            command += ["--resume", str(resume)]
+        else:
+            command += [c for c in [config, *(overrides or [])] if c is not None]
+        if single_task:
+            command.append("--single-task")
+        if not progress:
+            command.append("--no-progress")
+        try:
+            launch(
+                torchrun_arguments(
+                    nproc_per_node=nproc_per_node,
+                    nnodes=nnodes,
+                    node_rank=node_rank,
+                    master_addr=master_addr,
+                    master_port=master_port,
+                    command=command,
+                )
+            )
+        except PolytaskError as exc:
+            raise _fail(str(exc)) from None
+        except Exception as exc:  # torchrun reports a failed worker as ChildFailedError
+            raise _fail(f"distributed run failed: {' '.join(str(exc).split())[:500]}") from None
+        return
 
     try:
         if resume is not None:
@@ -100,7 +144,8 @@ def train(
                     "give a config file (e.g. configs/multi-digits.yaml) or --resume RUN_DIR"
                 )
             cfg = load_config(config, overrides or [])
-            err.print(f"run folder: {Path(cfg.output_dir) / cfg.name} (or the next free name)")
+            if int(os.environ.get("RANK", "0")) == 0:
+                err.print(f"run folder: {Path(cfg.output_dir) / cfg.name} (or the next free name)")
             result = train_from_config(
                 cfg, progress=progress, baselines=True if single_task else None
             )
@@ -110,7 +155,8 @@ def train(
         raise _fail(
             "interrupted; continue with: polytask train --resume <run folder>", code=130
         ) from None
-    print_results(result)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_results(result)
 
 
 @app.command()

@@ -55,6 +55,9 @@ class BalancingConfig(_Strict):
 
     method: str = "equal"
     params: dict[str, Any] = Field(default_factory=dict)
+    log_losses: bool = Field(
+        False, description="balance log(L + eps) instead of L (DB-MTL's loss-scale balancing)"
+    )
 
 
 class OptimizerConfig(_Strict):

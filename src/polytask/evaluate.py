@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from polytask.balancing.reduce import Reducer
 from polytask.models import MultiTaskModel
 from polytask.tasks import TaskSpec, compute_metrics
 
@@ -31,8 +32,13 @@ def evaluate(
     tasks: Sequence[TaskSpec],
     *,
     device: torch.device | str = "cpu",
+    reducer: Reducer | None = None,
 ) -> TaskMetrics:
-    """Each task's metrics (and mean ``loss`` over labelled samples) on ``batches``."""
+    """Each task's metrics (and mean ``loss`` over labelled samples) on ``batches``.
+
+    Under data parallelism each process passes its shard and a ``reducer``: loss sums are added
+    over processes and torchmetrics gathers the metric states, so every process gets the
+    metrics of the whole split."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -49,6 +55,8 @@ def evaluate(
             count_sum[i] += count
             task.update_metrics(collections[task.name], outputs[task.name], target)
     model.train(was_training)
+    if reducer is not None:
+        loss_sum, count_sum = reducer.sum(loss_sum), reducer.sum(count_sum)
     losses = (loss_sum / count_sum.clamp_min(1)).tolist()
     counts = count_sum.tolist()
     result: TaskMetrics = {}

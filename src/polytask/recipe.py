@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from polytask import __version__
-from polytask.balancing import BALANCERS, Balancer
+from polytask.balancing import Balancer, build_balancer
 from polytask.config import RunConfig, config_to_dict, load_config, parse_config
 from polytask.data.multilabel import BatchLoader, DataBundle, Standardizer, build_bundle
 from polytask.data.sources import DATASETS
@@ -32,6 +32,7 @@ from polytask.models import MultiTaskModel, build_model
 from polytask.tasks import TaskSpec
 from polytask.train.checkpoint import load_checkpoint
 from polytask.train.device import resolve_device
+from polytask.train.distributed import DistributedContext, init_distributed
 from polytask.train.optim import build_optimizer, build_scheduler
 from polytask.train.trainer import EpochCallback, FitResult, Trainer, early_stopping_for
 
@@ -86,8 +87,12 @@ def build_data(config: RunConfig) -> DataBundle:
     )
 
 
-def eval_batches(bundle: DataBundle, split: str, batch_size: int) -> BatchLoader:
-    return BatchLoader(getattr(bundle, split), batch_size)
+def eval_batches(
+    bundle: DataBundle, split: str, batch_size: int, ctx: DistributedContext | None = None
+) -> BatchLoader:
+    """Batches of one split in order; under data parallelism, this process's share."""
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    return BatchLoader(getattr(bundle, split), batch_size, rank=rank, world_size=world)
 
 
 # ---------------------------------------------------------------------------------- model
@@ -103,7 +108,12 @@ def build_run_model(config: RunConfig, tasks: Sequence[TaskSpec], input_shape: S
         architecture=config.model.architecture,
         architecture_params=config.model.architecture_params,
     )
-    balancer: Balancer = BALANCERS.get(config.balancing.method)(tasks, **config.balancing.params)
+    balancer: Balancer = build_balancer(
+        config.balancing.method,
+        tasks,
+        params=config.balancing.params,
+        log_losses=config.balancing.log_losses,
+    )
     return model, balancer
 
 
@@ -144,17 +154,19 @@ def train_from_config(
     """Train (or resume) the run ``config`` describes, evaluate it on the test split and, when
     baselines are asked for, train the single-task baselines and compute Δm%."""
     seed_everything(config.seed, deterministic=config.train.deterministic)
-    device = resolve_device(config.train.device)
+    ctx = init_distributed(config.train.device)
+    device = ctx.device
     bundle = build_data(config)
     tasks = bundle.tasks
     problem = monitor_problem(tasks, config.train.early_stopping.metric)
     if problem:
         raise ConfigError(f"train.early_stopping.metric: {problem}")
-    if run_dir is None:
-        run_dir = new_run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir is None:  # rank 0 picks the free name; every process uses it
+        run_dir = Path(ctx.broadcast(str(new_run_dir(config)) if ctx.is_main else None))
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     metadata = run_metadata(config, bundle)
-    if not resume:
+    if not resume and ctx.is_main:
         write_text_atomic(
             run_dir / "config.yaml", yaml.safe_dump(metadata["config"], sort_keys=False)
         )
@@ -171,7 +183,12 @@ def train_from_config(
         betas=config.optimizer.betas,
     )
     train_batches = BatchLoader(
-        bundle.train, config.data.batch_size, shuffle=True, seed=config.seed, drop_last=False
+        bundle.train,
+        config.data.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
     )
     steps_per_epoch = len(train_batches)
     scheduler = build_scheduler(
@@ -190,7 +207,7 @@ def train_from_config(
         optimizer=optimizer,
         scheduler=scheduler,
         train_batches=train_batches,
-        val_batches=(lambda: eval_batches(bundle, "val", config.data.eval_batch_size))
+        val_batches=(lambda: eval_batches(bundle, "val", config.data.eval_batch_size, ctx))
         if has_val
         else None,
         epochs=config.train.epochs,
@@ -204,17 +221,24 @@ def train_from_config(
         callbacks=callbacks,
         progress=config.train.progress if progress is None else progress,
         description=description or config.name,
+        distributed=ctx,
     )
     fit = trainer.fit(resume=resume)
     load_weights(model, run_dir / "checkpoints" / "best.safetensors")
     test = evaluate(
-        model, eval_batches(bundle, "test", config.data.eval_batch_size), tasks, device=device
+        model,
+        eval_batches(bundle, "test", config.data.eval_batch_size, ctx),
+        tasks,
+        device=device,
+        reducer=ctx.reducer,
     )
     result = RunResult(run_dir=run_dir, tasks=tasks, test=test, fit=fit)
     if config.evaluate.baselines if baselines is None else baselines:
         result.baselines = train_baselines(config, run_dir, tasks, progress=progress)
         result.delta_m = delta_m(test, result.baselines, tasks)
-    save_results(result)
+    if ctx.is_main:
+        save_results(result)
+    ctx.barrier()
     return result
 
 
@@ -275,6 +299,9 @@ def train_baselines(
             description=f"single-task {task.name}",
             baselines=False,
         )
+        if int(os.environ.get("RANK", "0")) != 0:  # rank 0 alone writes the cache
+            results[task.name] = outcome.test[task.name]
+            continue
         saved = json.loads(cache.read_text())
         saved["fingerprint"] = fingerprint
         write_text_atomic(cache, json.dumps(saved, indent=2))

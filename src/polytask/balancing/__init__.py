@@ -7,16 +7,37 @@ Every method is registered in ``BALANCERS`` and built as
 from polytask.balancing import aggregators
 from polytask.balancing.base import BALANCERS, Balancer, BalanceResult, LossWeighting
 from polytask.balancing.gradient import GradientAggregator, GramianWeightingAggregator
-from polytask.balancing.weighting import EqualWeighting, UncertaintyWeighting
+from polytask.balancing.reduce import Reducer
+from polytask.balancing.transforms import LogLosses, build_balancer, log_transform
+from polytask.balancing.weighting import (
+    FAMO,
+    IMTLL,
+    DynamicWeightAverage,
+    EqualWeighting,
+    GeometricLossStrategy,
+    GradNorm,
+    RandomLossWeighting,
+    UncertaintyWeighting,
+)
 
 __all__ = [
     "BALANCERS",
+    "FAMO",
+    "IMTLL",
     "BalanceResult",
     "Balancer",
+    "DynamicWeightAverage",
     "EqualWeighting",
+    "GeometricLossStrategy",
+    "GradNorm",
     "GradientAggregator",
     "GramianWeightingAggregator",
+    "LogLosses",
     "LossWeighting",
+    "RandomLossWeighting",
+    "Reducer",
     "UncertaintyWeighting",
     "aggregators",
+    "build_balancer",
+    "log_transform",
 ]

@@ -33,6 +33,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from polytask.balancing.reduce import Reducer
 from polytask.registry import Registry
 from polytask.tasks import TaskSpec
 
@@ -82,11 +83,23 @@ class Balancer(nn.Module):
     __provided__ = ("tasks",)
     needs_shared_params: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
+    #: under DDP, the method reduces gradients itself (the loop runs it under ``no_sync``)
+    reduces_own_gradients: ClassVar[bool] = False
+    #: the method takes ratios or logarithms of the losses (they must be positive)
+    requires_positive_losses: ClassVar[bool] = False
 
     def __init__(self, tasks: Sequence[TaskSpec | str]) -> None:
         super().__init__()
         self.tasks = list(tasks)
         self.task_names = task_names(tasks)
+        self.reducer: Reducer | None = None
+
+    def distribute(self, reducer: Reducer | None) -> None:
+        """Run under data parallelism: ``reducer`` averages over processes (see
+        ``polytask.balancing.reduce``). The losses given to ``backward`` are then each process's
+        local surrogates, and the balancer makes every process take the same decision as one
+        process that saw the whole batch."""
+        self.reducer = reducer
 
     def attach(self, model: nn.Module) -> None:
         """Called once with the model before training (methods that need to know which
@@ -127,6 +140,26 @@ class LossWeighting(Balancer):
         vector = stack_losses(self.task_names, losses)
         if present is None:
             present = torch.ones_like(vector, dtype=torch.bool)
-        total, weights = self.combine(vector, present)
-        total.backward()
+        if self.reducer is None:
+            total, weights = self.combine(vector, present)
+            total.backward()
+            return BalanceResult(weights=weights.detach(), loss=total.detach())
+        return self._distributed_backward(vector, present)
+
+    def _distributed_backward(self, vector: Tensor, present: Tensor) -> BalanceResult:
+        """Linearise the combination at the global loss values: every process evaluates
+        ``combine`` on the same (averaged) values, takes ``∂total/∂L_k`` as the weights, and
+        back-propagates ``Σ_k ∂total/∂L_k · L_k^local``; DDP's average of those gradients is the
+        gradient of ``total`` at the global batch. The balancer's own parameters get their
+        gradient from the global values directly (identical on every process)."""
+        assert self.reducer is not None
+        values = self.reducer.mean(vector.detach()).requires_grad_(True)
+        total, weights = self.combine(values, present)
+        own = [p for p in self.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(total, [values, *own], allow_unused=True)
+        d_values = grads[0] if grads[0] is not None else torch.zeros_like(values)
+        (d_values.detach() * vector).sum().backward()
+        for p, g in zip(own, grads[1:], strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
         return BalanceResult(weights=weights.detach(), loss=total.detach())

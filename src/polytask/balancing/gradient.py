@@ -60,6 +60,8 @@ class GradientAggregator(Balancer):
 
     #: whether the update is ``weights @ jacobian`` (so weights can be reused between steps)
     linear_in_jacobian: ClassVar[bool] = False
+    #: under DDP, gradients are reduced by the method itself (run its backward in ``no_sync``)
+    reduces_own_gradients: ClassVar[bool] = True
     last_weights: Tensor
     steps: Tensor
 
@@ -110,6 +112,8 @@ class GradientAggregator(Balancer):
                 weights = torch.where(present, weights, torch.zeros_like(weights))
             total = (weights * vector).sum()
             total.backward()
+            if self.reducer is not None:
+                self._reduce_grads([*shared, *self._task_params(shared, vector)])
             return BalanceResult(weights=weights.detach(), loss=total.detach())
 
         keep = None if present is None or bool(present.all()) else present.nonzero().squeeze(1)
@@ -120,12 +124,18 @@ class GradientAggregator(Balancer):
         task_params = self._task_params(shared, kept)
         if task_params:
             torch.autograd.backward(kept.sum(), inputs=task_params, retain_graph=True)
+            if self.reducer is not None:  # the Trainer runs this under DDP's no_sync
+                self._reduce_grads(task_params)
         weights_full = torch.zeros_like(vector)
         if k == 0:
             return BalanceResult(weights=weights_full, loss=vector.sum().detach())
         blocks = task_jacobian(kept, shared)
         jacobian = flatten_jacobian(blocks, shared, k)
-        update, weights = self.aggregate(jacobian, kept.detach())
+        values = kept.detach()
+        if self.reducer is not None:  # the global Jacobian and losses, identical everywhere
+            jacobian = self.reducer.mean_(jacobian)
+            values = self.reducer.mean(values)
+        update, weights = self.aggregate(jacobian, values)
         if keep is None:
             weights_full = weights.to(vector.dtype)
         else:
@@ -135,12 +145,21 @@ class GradientAggregator(Balancer):
         return BalanceResult(weights=weights_full.detach(), loss=vector.sum().detach())
 
     # ------------------------------------------------------------------ plumbing
+    def _reduce_grads(self, params: Sequence[Tensor]) -> None:
+        assert self.reducer is not None
+        for p in params:
+            if p.grad is not None and p.requires_grad:
+                self.reducer.mean_(p.grad)
+
     def _shared_inputs(
         self, shared_params: Sequence[Tensor] | None, features: Tensor | None
     ) -> list[Tensor]:
         if self.level == "features":
             if features is None:
-                raise ValueError(f"{type(self).__name__}(level='features') needs features=")
+                raise ConfigError(
+                    f"{type(self).__name__}(level='features') needs the model's shared features; "
+                    "this architecture returns none (use level='parameters')"
+                )
             return [features]
         if not shared_params:
             raise ValueError(f"{type(self).__name__} needs shared_params= (the shared parameters)")

@@ -47,8 +47,11 @@ class LogLosses(Balancer):
     """Wrap ``inner`` so that it balances ``log(L_k + eps)`` instead of ``L_k`` (the loss-scale
     balancing of DB-MTL: Lin, Ye, Zhang & Tsang, "Dual-Balancing for Multi-Task Learning", 2023).
 
-    Works with every balancer: loss weightings weight the log-losses, gradient methods receive
-    the Jacobian of the log-losses (rows ``∇L_k / (L_k + eps)``). Absent tasks stay exactly 0.
+    Works with every balancer that accepts losses of any sign: loss weightings weight the
+    log-losses, gradient methods receive the Jacobian of the log-losses (rows
+    ``∇L_k / (L_k + eps)``). Balancers that declare ``requires_positive_losses`` (they take
+    ratios or logs of the losses: DWA, GLS, GradNorm, IMTL-L, FAMO) are refused with a
+    ``ConfigError``. Absent tasks stay exactly 0.
     ``shared_params``, ``features`` and ``present`` are passed through; ``needs_shared_params``,
     ``needs_features`` and ``attach`` are the inner balancer's; the inner balancer is a
     submodule, so ``parameters()`` and ``state_dict()`` (keys prefixed ``inner.``) hold its own.
@@ -68,6 +71,12 @@ class LogLosses(Balancer):
             raise TypeError(f"LogLosses: inner must be a Balancer, found {type(inner).__name__}")
         if not eps > 0:
             raise ConfigError(f"log_losses: eps must be > 0, found {eps!r}")
+        if inner.requires_positive_losses:
+            raise ConfigError(
+                f"log_losses cannot wrap {type(inner).__name__}: it takes ratios or logs of the "
+                "losses, which must be positive, and log-losses are negative below 1; use "
+                "log_losses with a method that accepts any sign (equal, rlw, gradient methods)"
+            )
         super().__init__(inner.tasks)
         self.inner = inner
         self.eps = float(eps)

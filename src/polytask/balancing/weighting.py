@@ -4,12 +4,15 @@ Every method here works on the K task losses alone (GradNorm also looks at the g
 the last shared layer), keeps its state in buffers or parameters (so ``state_dict()`` checkpoints
 it) and runs as tensor operations on the losses' device, without host synchronisation. Tasks
 absent from a batch (``present[k]`` false) contribute exactly 0 and get weight 0.
+
+Methods that take ratios or logarithms of the losses declare ``requires_positive_losses = True``:
+they cannot run on log-losses (``transforms.LogLosses``), which are negative below 1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +63,9 @@ class UncertaintyWeighting(LossWeighting):
         >>> float(total), w.tolist()   # 0.5*1*2 + 0 + 1*1*1 + 0 at s = 0
         (2.0, [0.5, 1.0])
     """
+
+    requires_positive_losses: ClassVar[bool] = True
+    factors: Tensor
 
     def __init__(self, tasks: Sequence[TaskSpec | str], *, init_log_var: float = 0.0) -> None:
         super().__init__(tasks)
@@ -148,6 +154,13 @@ class DynamicWeightAverage(LossWeighting):
         [1.1244, 0.8756]
     """
 
+    requires_positive_losses: ClassVar[bool] = True
+    steps: Tensor
+    windows: Tensor
+    window_sum: Tensor
+    window_count: Tensor
+    averages: Tensor
+
     def __init__(
         self, tasks: Sequence[TaskSpec | str], *, window: int = 100, temperature: float = 2.0
     ) -> None:
@@ -175,7 +188,8 @@ class DynamicWeightAverage(LossWeighting):
         count = present.sum().to(losses.dtype)
         logits = self.ratios().to(losses.dtype) / self.temperature
         adaptive = count * masked_softmax(logits, present)
-        weights = torch.where(self.windows >= 2, adaptive, present.to(losses.dtype))
+        ready = torch.ge(self.windows, 2)
+        weights = torch.where(ready, adaptive, present.to(losses.dtype))
         self._accumulate(losses.detach(), present)
         return _zero_absent(weights * losses, present).sum(), weights
 
@@ -184,7 +198,7 @@ class DynamicWeightAverage(LossWeighting):
         self.window_sum += _zero_absent(losses, present).to(self.window_sum.dtype)
         self.window_count += present.to(self.window_count.dtype)
         self.steps += 1
-        closing = self.steps % self.window == 0
+        closing = torch.eq(self.steps % self.window, 0)
         mean = torch.where(
             self.window_count > 0,
             self.window_sum / self.window_count.clamp_min(1),
@@ -208,7 +222,9 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 def _sync_step_mirror(module: nn.Module, incompatible_keys: Any) -> None:
-    module._step = int(module.steps)  # type: ignore[union-attr]
+    """After ``load_state_dict``: refresh RLW's host copy of its step counter."""
+    rlw = cast("RandomLossWeighting", module)
+    rlw._step = int(rlw.steps)
 
 
 @BALANCERS.register(
@@ -243,6 +259,7 @@ class RandomLossWeighting(LossWeighting):
     """
 
     distributions: ClassVar[tuple[str, ...]] = ("normal", "uniform")
+    steps: Tensor
 
     def __init__(
         self, tasks: Sequence[TaskSpec | str], *, distribution: str = "normal", seed: int = 0
@@ -304,6 +321,8 @@ class GeometricLossStrategy(LossWeighting):
         (2.0, [1.0, 0.25])
     """
 
+    requires_positive_losses: ClassVar[bool] = True
+
     def combine(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         count = present.sum()
         clamped = losses.clamp_min(_EPS)
@@ -356,6 +375,9 @@ class GradNorm(Balancer):
     """
 
     needs_shared_params: ClassVar[bool] = True
+    requires_positive_losses: ClassVar[bool] = True
+    initial_losses: Tensor
+    has_initial: Tensor
 
     def __init__(self, tasks: Sequence[TaskSpec | str], *, alpha: float = 1.5) -> None:
         super().__init__(tasks)
@@ -395,6 +417,8 @@ class GradNorm(Balancer):
         self.renormalise()
         layer = self.shared_layer(list(shared_params))
         (block,) = task_jacobian(vector, [layer], retain_graph=True)
+        if self.reducer is not None and block is not None:  # the global per-task gradients
+            block = self.reducer.mean(block)
         weights = self.weights
         if block is None:
             norms = torch.zeros_like(weights)
@@ -402,6 +426,8 @@ class GradNorm(Balancer):
             norms = block.reshape(self.num_tasks, -1).norm(dim=1).to(weights.dtype)
         norms = _zero_absent(norms, present)
         detached = vector.detach().to(weights.dtype)
+        if self.reducer is not None:  # the global loss values (the surrogates' mean)
+            detached = self.reducer.mean(detached)
         with torch.no_grad():
             first = present & ~self.has_initial
             self.initial_losses.copy_(torch.where(first, detached, self.initial_losses))
@@ -452,6 +478,8 @@ class IMTLL(LossWeighting):
         (2.5, [1.0, 1.0])
     """
 
+    requires_positive_losses: ClassVar[bool] = True
+
     def __init__(self, tasks: Sequence[TaskSpec | str], *, init_log_scale: float = 0.0) -> None:
         super().__init__(tasks)
         self.log_scales = nn.Parameter(torch.full((self.num_tasks,), float(init_log_scale)))
@@ -498,6 +526,11 @@ class FAMO(LossWeighting):
         >>> [round(v, 6) for v in w.tolist()]   # z = (.5, .5); c = 1 / (.5 + .125) = 1.6
         [0.8, 0.2]
     """
+
+    requires_positive_losses: ClassVar[bool] = True
+    logits: Tensor
+    previous_losses: Tensor
+    previous_present: Tensor
 
     def __init__(
         self, tasks: Sequence[TaskSpec | str], *, beta: float = 0.025, gamma: float = 0.001

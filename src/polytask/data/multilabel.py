@@ -235,7 +235,10 @@ class BatchLoader:
     """Mini-batches of an in-memory dataset by tensor slicing.
 
     The order of epoch ``e`` depends only on ``(seed, e)``, so a run resumed at an epoch
-    boundary draws exactly the batches an uninterrupted run would.
+    boundary draws exactly the batches an uninterrupted run would. Under data parallelism
+    (``world_size`` processes), global batch ``i`` holds ``world_size · batch_size`` samples and
+    process ``rank`` takes its own contiguous share: the union over processes of every batch is
+    the batch one process with ``world_size · batch_size`` would draw.
     """
 
     def __init__(
@@ -246,9 +249,15 @@ class BatchLoader:
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, found {batch_size}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.rank = rank
+        self.world_size = world_size
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -261,7 +270,8 @@ class BatchLoader:
 
     def __len__(self) -> int:
         n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        size = self.batch_size * self.world_size
+        return n // size if self.drop_last else -(-n // size)
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.dataset)
@@ -270,5 +280,8 @@ class BatchLoader:
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
+        size = self.batch_size * self.world_size
         for i in range(len(self)):
-            yield self.dataset.take(order[i * self.batch_size : (i + 1) * self.batch_size])
+            batch = order[i * size : (i + 1) * size]
+            share = -(-len(batch) // self.world_size)
+            yield self.dataset.take(batch[self.rank * share : (self.rank + 1) * share])

@@ -7,19 +7,33 @@ from polytask.models.architectures import (
     MultiTaskOutput,
 )
 from polytask.models.builder import build_model
+from polytask.models.cross_stitch import CrossStitch, encoder_stages
 from polytask.models.encoders import ENCODERS, CNNEncoder, MLPEncoder, ResNetEncoder
+from polytask.models.esmm import ESMM, ctcvr_logit
+from polytask.models.experts import CGC, GATES, PLE, DSelectKGate, MMoE
 from polytask.models.heads import HEADS, TaskHead
+from polytask.models.mtan import MTAN
 
 __all__ = [
     "ARCHITECTURES",
+    "CGC",
     "ENCODERS",
+    "ESMM",
+    "GATES",
     "HEADS",
+    "MTAN",
+    "PLE",
     "CNNEncoder",
+    "CrossStitch",
+    "DSelectKGate",
     "HardSharing",
     "MLPEncoder",
+    "MMoE",
     "MultiTaskModel",
     "MultiTaskOutput",
     "ResNetEncoder",
     "TaskHead",
     "build_model",
+    "ctcvr_logit",
+    "encoder_stages",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from polytask.balancing import Balancer
 from polytask.errors import CheckpointError
@@ -42,6 +44,7 @@ from polytask.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from polytask.train.distributed import DistributedContext
 from polytask.train.runlog import MetricsLog, plot_curves, read_metrics, truncate_after
 
 Batch = tuple[Tensor, dict[str, Tensor]]
@@ -149,6 +152,7 @@ class Trainer:
         callbacks: Sequence[EpochCallback] = (),
         progress: bool = True,
         description: str = "train",
+        distributed: DistributedContext | None = None,
     ) -> None:
         self.model = model
         self.balancer = balancer
@@ -169,7 +173,17 @@ class Trainer:
         self.console = Console(stderr=True)
         self.epoch = 0
         self.step = 0
+        self.dist = distributed or DistributedContext(device=device)
+        if not self.dist.is_main:  # rank 0 alone logs, plots and writes checkpoints
+            self.progress = False
         balancer.attach(model)
+        self.train_model: torch.nn.Module = model
+        if self.dist.enabled:
+            balancer.distribute(self.dist.reducer)
+            model.to(device)
+            self.train_model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self._shared = model.shared_parameters()
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._params += [p for p in balancer.parameters() if p.requires_grad]
@@ -213,7 +227,7 @@ class Trainer:
 
     def _save(self, improved: bool) -> None:
         directory = self.checkpoint_dir
-        if directory is None:
+        if directory is None or not self.dist.is_main:
             return
         directory.mkdir(parents=True, exist_ok=True)
         last = directory / "last.safetensors"
@@ -227,15 +241,15 @@ class Trainer:
         folder's ``last`` checkpoint."""
         log = None
         if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             metrics_path = self.run_dir / "metrics.jsonl"
             if resume:
                 last = self.run_dir / "checkpoints" / "last.safetensors"
                 self.load_state_dict(load_checkpoint(last))
-                truncate_after(metrics_path, self.epoch)
-            elif metrics_path.exists():  # a fresh run in a reused folder starts a fresh log
-                truncate_after(metrics_path, 0)
-            log = MetricsLog(metrics_path)
+            if self.dist.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                if resume or metrics_path.exists():  # a fresh run in a reused folder: fresh log
+                    truncate_after(metrics_path, self.epoch if resume else 0)
+                log = MetricsLog(metrics_path)
         self.model.to(self.device)
         self.balancer.to(self.device)
         history: list[dict[str, Any]] = []
@@ -273,8 +287,9 @@ class Trainer:
                 stopped_early = self.early_stopping.should_stop
                 for callback in self.callbacks:
                     callback(record)
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.dist.is_main:
             plot_curves(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "curves.png")
+        self.dist.barrier()  # every checkpoint is on disk before anyone reads it
         return FitResult(
             epochs_run=self.epoch,
             best_epoch=self.early_stopping.best_epoch,
@@ -305,6 +320,8 @@ class Trainer:
                 bar.update(task_id, advance=refresh_every, losses=text)
         if self.progress:
             bar.update(task_id, completed=self.epoch * len(self.train_batches))
+        if self.dist.reducer is not None:  # the surrogates average to the global losses
+            loss_sum = self.dist.reducer.mean(loss_sum)
         means = (loss_sum / present_steps.clamp_min(1)).tolist()
         present_counts = present_steps.tolist()
         weights_mean = (weight_sum / max(steps, 1)).tolist()
@@ -324,22 +341,32 @@ class Trainer:
         """One optimizer step; returns (task losses, present mask, balancer weights), all on the
         device and without host synchronisation."""
         x = x.to(self.device, non_blocking=True)
-        out = self.model(x)
-        pairs = [
-            t.compute_loss(out.outputs[t.name], y[t.name].to(self.device, non_blocking=True))
-            for t in self.tasks
-        ]
-        losses = torch.stack([loss for loss, _ in pairs])
-        present = torch.stack([count for _, count in pairs]) > 0
-        if self._task_weights is not None:
-            losses = losses * self._task_weights
-        self.optimizer.zero_grad(set_to_none=True)
-        result = self.balancer.backward(
-            losses,
-            shared_params=self._shared if self.balancer.needs_shared_params else None,
-            features=out.features if self.balancer.needs_features else None,
-            present=present,
-        )
+        sync_by_method = self.dist.enabled and self.balancer.reduces_own_gradients
+        with self.train_model.no_sync() if sync_by_method else nullcontext():  # type: ignore[operator]
+            out = self.train_model(x)
+            pairs = [
+                t.compute_loss(out.outputs[t.name], y[t.name].to(self.device, non_blocking=True))
+                for t in self.tasks
+            ]
+            losses = torch.stack([loss for loss, _ in pairs])
+            counts = torch.stack([count for _, count in pairs])
+            if self.dist.reducer is not None:
+                # local surrogate N·S_k/C_k: its mean over processes is the global mean loss and
+                # DDP's average of its gradients is the global gradient (missing labels included)
+                total = self.dist.reducer.sum(counts)
+                scale = counts.to(losses.dtype) * self.dist.world_size / total.clamp_min(1)
+                losses = losses * scale
+                counts = total
+            present = counts > 0
+            if self._task_weights is not None:
+                losses = losses * self._task_weights
+            self.optimizer.zero_grad(set_to_none=True)
+            result = self.balancer.backward(
+                losses,
+                shared_params=self._shared if self.balancer.needs_shared_params else None,
+                features=out.features if self.balancer.needs_features else None,
+                present=present,
+            )
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         self.optimizer.step()
@@ -351,7 +378,13 @@ class Trainer:
     def _validate(self) -> TaskMetrics:
         if self.val_batches is None:
             return {}
-        return evaluate(self.model, self.val_batches(), self.tasks, device=self.device)
+        return evaluate(
+            self.model,
+            self.val_batches(),
+            self.tasks,
+            device=self.device,
+            reducer=self.dist.reducer,
+        )
 
     def _track(self, val_metrics: TaskMetrics) -> bool:
         if not val_metrics:  # no validation split: the latest epoch is the best

@@ -90,14 +90,15 @@ def nonnegative_qp(
     """Solve ``min ½ xᵀQx + cᵀx`` subject to ``x >= 0`` exactly (float64 numpy).
 
     ``Q`` must be symmetric positive semi-definite and the objective bounded below on the
-    orthant (true whenever ``c`` lies in the range of ``Q``). The method is a Lawson-Hanson-style
+    orthant (true whenever ``c`` lies in the range of ``Q``). After a Jacobi scaling (unit
+    diagonal), the method is a Lawson-Hanson-style
     primal active-set method: it frees the variable with the most negative gradient, takes a
     minimum-norm Newton step on the free set (``numpy.linalg.lstsq``, so a singular ``Q`` —
     duplicate or zero gradients — is handled: among the minimisers it moves the least), and backs
     off along the step when a variable would become negative. It stops when the KKT conditions
-    ``x >= 0``, ``(Qx + c) >= -tol·scale`` and ``x_i (Qx + c)_i = 0`` hold, where
-    ``scale = max(|Q|, |c|)``. Finite for every input; ``max_iter`` (default ``10·K + 50``)
-    bounds the number of free-set changes.
+    ``y >= 0``, ``(Q'y + c') >= -tol·max|c'|`` and ``y_i (Q'y + c')_i = 0`` hold for the scaled
+    problem (``Q' = DQD``, ``c' = Dc``, ``x = Dy``). Finite for every input; ``max_iter``
+    (default ``10·K + 50``) bounds the number of free-set changes.
 
     Example:
         >>> nonnegative_qp(np.array([[2.0, 0.0], [0.0, 2.0]]), np.array([-2.0, 4.0]))
@@ -108,10 +109,32 @@ def nonnegative_qp(
     k = c.shape[0]
     if q.shape != (k, k):
         raise ValueError(f"`q` should have shape ({k}, {k}), found {q.shape}")
-    x = np.zeros(k)
     if k == 0:
-        return x
-    scale = max(float(np.abs(q).max(initial=0.0)), float(np.abs(c).max(initial=0.0)), _TINY)
+        return np.zeros(0)
+    # Jacobi scaling x = D y with D = diag(Q)^(-1/2): unit diagonal, so variables of very
+    # different scales (gradient norms from 1e-4 to 1e4) are resolved to the same relative accuracy
+    diag = np.diag(q).copy()
+    d = np.where(diag > 0.0, 1.0 / np.sqrt(np.where(diag > 0.0, diag, 1.0)), 1.0)
+    y = _nnqp_scaled(q * d[:, None] * d[None, :], c * d, max_iter=max_iter, tol=tol)
+    return d * y
+
+
+def _solve_psd(a: np.ndarray, b: np.ndarray, rcond: float) -> np.ndarray:
+    """``a⁻¹ b`` for a well-conditioned PSD ``a`` (Cholesky test, then LU); otherwise the
+    minimum-norm least-squares solution (SVD), which handles singular ``a``."""
+    try:
+        pivots = np.diag(np.linalg.cholesky(a))
+        if pivots.min() > 1e-6 * pivots.max():  # condition number below ~1e12
+            return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        pass
+    return np.linalg.lstsq(a, b, rcond=rcond)[0]
+
+
+def _nnqp_scaled(q: np.ndarray, c: np.ndarray, *, max_iter: int | None, tol: float) -> np.ndarray:
+    k = c.shape[0]
+    x = np.zeros(k)
+    scale = max(float(np.abs(c).max(initial=0.0)), _TINY)
     tol_abs = tol * scale
     rcond = 1e-13 * k
     free = np.zeros(k, dtype=bool)
@@ -131,7 +154,7 @@ def nonnegative_qp(
                 break
             sub = q[np.ix_(idx, idx)]
             g_free = q[idx] @ x + c[idx]
-            step = -np.linalg.lstsq(sub, g_free, rcond=rcond)[0]
+            step = -_solve_psd(sub, g_free, rcond)
             target = x[idx] + step
             blocking = target <= 0.0
             if not blocking.any():
@@ -166,29 +189,39 @@ def _min_norm_simplex_np(g: np.ndarray) -> np.ndarray:
             return np.array([0.5, 0.5])
         w1 = float(np.clip((g[1, 1] - g[0, 1]) / denom, 0.0, 1.0))
         return np.array([w1, 1.0 - w1])
-    # min_{w in simplex} wᵀGw  ==  NNLS  min_{u >= 0} uᵀGu + (1ᵀu - 1)², then w = u / 1ᵀu:
-    # for u = t·w the inner minimum over t is q/(1+q) with q = wᵀGw, increasing in q.
+    return _min_norm_nnqp(g)
+
+
+def _min_norm_nnqp(g: np.ndarray, *, max_iter: int | None = None, tol: float = 1e-12) -> np.ndarray:
+    """K > 2: min_{w in simplex} wᵀGw  ==  min_{u >= 0} uᵀGu + γ(1ᵀu - 1)², then w = u / 1ᵀu
+    (for u = t·w the minimum over t is γq/(γ+q) with q = wᵀGw, increasing in q, for any γ > 0).
+    γ = min_i G_ii >= q* keeps the small entries of G from being swamped by γ."""
+    k = g.shape[0]
+    diag = np.diag(g)
+    zero = diag <= 0.0
+    if zero.any():  # a zero gradient is the min-norm point
+        return zero / zero.sum()
+    gamma = float(diag.min())
     ones = np.ones(k)
-    u = nonnegative_qp(g + np.outer(ones, ones), -ones)
+    u = nonnegative_qp(g + gamma * np.outer(ones, ones), -gamma * ones, max_iter=max_iter, tol=tol)
     total = u.sum()
     if not total > 0.0 or not np.all(np.isfinite(u)):
         return np.full(k, 1.0 / k)
     return u / total
 
 
-def min_norm_simplex(
-    gramian: Tensor, *, max_iter: int | None = None, tol: float = 1e-12
-) -> Tensor:
+def min_norm_simplex(gramian: Tensor, *, max_iter: int | None = None, tol: float = 1e-12) -> Tensor:
     """The weights ``w`` on the probability simplex minimising ``wᵀ G w`` (so ``wᵀJ`` is the
     minimum-norm point of the convex hull of the rows of ``J``, as in MGDA).
 
     Exact: closed form for K = 2 (``w1 = clip((G22 - G12) / (G11 + G22 - 2 G12), 0, 1)``), and
     for K > 2 the equivalent non-negative least-squares problem
-    ``min_{u >= 0} uᵀGu + (1ᵀu - 1)²``, ``w = u / 1ᵀu``, solved by ``nonnegative_qp``. ``G``
-    is first divided by its mean diagonal (the weights are scale-free), so the KKT conditions
-    ``(Gw)_i >= wᵀGw - tol'`` for all i, with equality where ``w_i > 0``, hold with ``tol'`` of
-    order ``1e-12 · mean(diag G)``. Singular ``G`` (duplicate rows, zero rows) is handled; an
-    all-zero ``G`` gives uniform weights. ``max_iter`` and ``tol`` are passed to
+    ``min_{u >= 0} uᵀGu + γ(1ᵀu - 1)²`` (``γ = min_i G_ii``), ``w = u / 1ᵀu``, solved by
+    ``nonnegative_qp``. ``G`` is first divided by its mean diagonal (the weights are
+    scale-free); the KKT conditions ``(Gw)_i >= wᵀGw - tol'`` for all i, with equality where
+    ``w_i > 0``, hold with ``tol'`` of order ``1e-12 · min_i G_ii`` (float64 round-off permitting).
+    Singular ``G`` (duplicate rows) is handled; zero rows share the weight (the update is 0);
+    an all-zero ``G`` gives uniform weights. ``max_iter`` and ``tol`` are passed to
     ``nonnegative_qp``. Runs on the CPU in float64 (moves the K×K Gramian to the host).
 
     Example:
@@ -202,9 +235,7 @@ def min_norm_simplex(
     g = _to_numpy(gramian)
     if k > 2 and (max_iter is not None or tol != 1e-12):
         g = _np_normalize(g)
-        ones = np.ones(k)
-        u = nonnegative_qp(g + np.outer(ones, ones), -ones, max_iter=max_iter, tol=tol)
-        w = u / u.sum() if u.sum() > 0 else np.full(k, 1.0 / k)
+        w = _min_norm_nnqp(g, max_iter=max_iter, tol=tol) if np.any(g) else np.full(k, 1.0 / k)
     else:
         w = _min_norm_simplex_np(g)
     return _to_torch(w, gramian)

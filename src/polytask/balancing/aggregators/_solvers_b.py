@@ -14,6 +14,7 @@ is a tiny torch helper; nothing here is registered.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -24,17 +25,24 @@ from torch import Tensor
 ZERO_ROW_TOL = 1e-20
 
 
-def _potential(a: np.ndarray, w: np.ndarray, power: float) -> float:
-    """``½ wᵀ A w − Σ h(w_i)`` with ``h' = w^{-power}`` (``h = log`` when ``power = 1``)."""
-    quad = 0.5 * float(w @ a @ w)
+def _potential_change(
+    a: np.ndarray, w: np.ndarray, step: np.ndarray, t: float, power: float
+) -> float:
+    """``f(w + t·step) − f(w)`` for ``f(w) = ½ wᵀAw − Σ h(w_i)`` with ``h' = w^{-power}``
+    (``h = log`` when ``power = 1``), computed term by term so that small decreases are not lost
+    to rounding."""
+    quad = t * float(w @ a @ step) + 0.5 * t * t * float(step @ a @ step)
+    x = np.log1p(t * step / w)
     if power == 1.0:
-        return quad - float(np.log(w).sum())
-    return quad - float((w ** (1.0 - power)).sum() / (1.0 - power))
+        return quad - float(x.sum())
+    return quad - float((w ** (1.0 - power) * np.expm1((1.0 - power) * x)).sum() / (1.0 - power))
 
 
 def _relative_residual(a: np.ndarray, w: np.ndarray, power: float) -> float:
     """``max_i |(A w)_i · w_i^power − 1|``: zero exactly at the solution, scale-free."""
-    return float(np.abs((a @ w) * w**power - 1.0).max())
+    with np.errstate(all="ignore"):
+        res = np.abs((a @ w) * w**power - 1.0)
+    return float(res.max()) if np.isfinite(res).all() else math.inf
 
 
 def solve_power_bargaining(
@@ -69,8 +77,10 @@ def solve_power_bargaining(
     """
     if power <= 0:
         raise ValueError(f"power must be > 0, found {power}")
-    g = gramian.detach().to("cpu", torch.float64).numpy() if isinstance(gramian, Tensor) else (
-        np.asarray(gramian, dtype=np.float64)
+    g = (
+        gramian.detach().to("cpu", torch.float64).numpy()
+        if isinstance(gramian, Tensor)
+        else np.asarray(gramian, dtype=np.float64)
     )
     k = g.shape[0]
     g = 0.5 * (g + g.T)
@@ -79,8 +89,9 @@ def solve_power_bargaining(
     if k == 0 or not math.isfinite(top) or top <= 0.0:
         return np.ones(k)
     live = diag > ZERO_ROW_TOL * top
-    a = g[np.ix_(live, live)] + reg * np.diag(diag[live])
-    w = _newton(a, power, max_iter=max_iter, tol=tol)
+    # solve for G / top (w scales by top^{-1/(1+power)} when G scales by 1/top), regularised
+    a = (g[np.ix_(live, live)] + reg * np.diag(diag[live])) / top
+    w = _newton(a, power, max_iter=max_iter, tol=tol) * top ** (-1.0 / (1.0 + power))
     out = np.empty(k)
     out[live] = w
     out[~live] = w.max()
@@ -92,7 +103,7 @@ def _newton(a: np.ndarray, power: float, *, max_iter: int, tol: float) -> np.nda
     w = d ** (-1.0 / (1.0 + power))
     # best multiple c·w along the ray: c^{1+p} wᵀAw = Σ w_i^{1-p}
     c = (float((w ** (1.0 - power)).sum()) / float(w @ a @ w)) ** (1.0 / (1.0 + power))
-    w = c * w
+    start = w = c * w
     for _ in range(max_iter):
         if _relative_residual(a, w, power) < tol:
             return w
@@ -103,37 +114,47 @@ def _newton(a: np.ndarray, power: float, *, max_iter: int, tol: float) -> np.nda
             step = q * np.linalg.solve(h * q[:, None] * q[None, :], -q * r)
         except np.linalg.LinAlgError:
             step = q * np.linalg.lstsq(h * q[:, None] * q[None, :], -q * r, rcond=None)[0]
-        slope = float(r @ step)  # = −(Newton decrement)² < 0
+        slope = float(r @ step)  # −(Newton decrement)²: how much f can still decrease, doubled
+        if not slope < -1e-24:  # converged as far as float64 allows (or a NaN slipped in)
+            break
         t = 1.0
         shrinking = step < 0
-        if shrinking.any():
+        if shrinking.any():  # stay inside w > 0
             t = min(1.0, 0.95 * float((-w[shrinking] / step[shrinking]).min()))
-        if -slope > 1e-12:  # far from the solution: Armijo backtracking on the potential
-            f0 = _potential(a, w, power)
-            while t > 1e-12 and _potential(a, w + t * step, power) > f0 + 1e-4 * t * slope:
-                t *= 0.5
+        while t > 1e-14 and _potential_change(a, w, step, t, power) > 1e-4 * t * slope:
+            t *= 0.5  # Armijo backtracking on the convex potential
         w = w + t * step
-    if _relative_residual(a, w, power) < 1e-6:
-        return w
-    return _least_squares(a, w, power)
+    best = w if np.isfinite(w).all() and (w > 0).all() else start
+    if _relative_residual(a, best, power) < 1e-6:
+        return best
+    polished = _least_squares(a, best, power)
+    if _relative_residual(a, polished, power) < _relative_residual(a, best, power):
+        return polished
+    return best
 
 
 def _least_squares(a: np.ndarray, w0: np.ndarray, power: float) -> np.ndarray:
+    """SciPy's bounded ``least_squares`` on the scale-free residual, from ``w0`` (as the FairGrad
+    authors solve it); ``w0`` itself when SciPy fails."""
     from scipy.optimize import least_squares  # lazy: only when Newton did not converge
 
-    scale = w0.copy()
-
     def residual(z: np.ndarray) -> np.ndarray:
-        w = z * scale
-        return (a @ w) * w**power - 1.0
+        w = z * w0
+        with np.errstate(all="ignore"):
+            out = (a @ w) * w**power - 1.0
+        return np.nan_to_num(out, nan=1e300, posinf=1e300, neginf=-1e300)
 
-    result = least_squares(residual, np.ones_like(w0), bounds=(1e-12, np.inf), xtol=1e-15)
-    return np.asarray(result.x * scale)
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = least_squares(residual, np.ones_like(w0), bounds=(1e-12, np.inf), xtol=1e-15)
+    except (ValueError, np.linalg.LinAlgError):
+        return w0
+    w = np.asarray(result.x * w0)
+    return w if np.isfinite(w).all() and (w > 0).all() else w0
 
 
-def clip_weights(
-    weights: Tensor, gramian: Tensor, max_norm: float, *, eps: float = 1e-6
-) -> Tensor:
+def clip_weights(weights: Tensor, gramian: Tensor, max_norm: float, *, eps: float = 1e-6) -> Tensor:
     """Scale ``weights`` so the update ``wᵀJ`` has norm at most ``max_norm`` (``‖wᵀJ‖² = wᵀGw``),
     as ``torch.nn.utils.clip_grad_norm_`` would (factor ``max_norm / (norm + eps)``, capped at 1);
     ``max_norm <= 0`` disables it."""
@@ -163,7 +184,9 @@ def present_rows(num_rows: int, num_tasks: int, rows: Tensor | None, name: str) 
     ``rows`` when given, else all tasks (which needs ``num_rows == num_tasks``)."""
     if rows is not None:
         if rows.numel() != num_rows:
-            raise ValueError(f"{name}: rows has {rows.numel()} entries for {num_rows} Jacobian rows")
+            raise ValueError(
+                f"{name}: rows has {rows.numel()} entries for {num_rows} Jacobian rows"
+            )
         return rows
     if num_rows != num_tasks:
         raise ValueError(

@@ -1,0 +1,82 @@
+"""DualProj: the mean gradient projected onto the dual cone of the task gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from polytask.balancing.aggregators._solvers import project_onto_dual_cone
+from polytask.balancing.aggregators._upgrad import (
+    _PreferenceMixin,
+    regularized_normalized_gramian,
+)
+from polytask.balancing.base import BALANCERS
+from polytask.balancing.gradient import Level
+from polytask.errors import ConfigError
+from polytask.tasks import TaskSpec
+
+
+@BALANCERS.register(
+    "dualproj",
+    "mean gradient projected onto the dual cone of the task gradients (Quinton & Rey, 2024)",
+)
+class DualProj(_PreferenceMixin):
+    """DualProj (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", arXiv
+    2024; torchjd): the preference-weighted mean ``pᵀJ`` (uniform ``p`` by default) projected
+    onto the dual cone ``C = {x : <x, g_j> >= 0 for every j}``:
+
+        ``d = π_C(pᵀJ)``,  in weights ``w = argmin_{v >= p} vᵀ G v``.
+
+    The update conflicts with no task and equals the mean when the tasks agree. The Gramian is
+    normalised by its trace and regularised by ``reg_eps · I`` exactly as in ``UPGrad``
+    (``||J||_F² < norm_eps`` counts as zero). The quadratic program is solved exactly by
+    ``project_onto_dual_cone`` on the CPU in float64 (moves the K×K Gramian to the host).
+
+    Args:
+        pref_vector: one non-negative weight per task (``None``: ``1/K`` over present tasks).
+        norm_eps: below this squared Frobenius norm, J counts as zero.
+        reg_eps: the ridge added to the normalised Gramian.
+
+    Example:
+        >>> J = torch.tensor([[1.0, 0.0], [-2.0, 1.0]])  # mean (-0.5, 0.5) conflicts with g1
+        >>> update, weights = DualProj(["a", "b"], reg_eps=0.0).aggregate(J, torch.ones(2))
+        >>> update   # projection onto {x1 >= 0, x2 >= 2 x1}: (0, 0.5)
+        tensor([0.0000, 0.5000])
+        >>> weights
+        tensor([1.0000, 0.5000])
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec | str],
+        *,
+        pref_vector: Sequence[float] | None = None,
+        norm_eps: float = 1e-4,
+        reg_eps: float = 1e-4,
+        level: Level = "parameters",
+        update_every: int = 1,
+    ) -> None:
+        super().__init__(tasks, level=level, update_every=update_every)
+        if not norm_eps >= 0.0:
+            raise ConfigError(f"norm_eps must be >= 0, found {norm_eps}")
+        if not reg_eps >= 0.0:
+            raise ConfigError(f"reg_eps must be >= 0, found {reg_eps}")
+        self.norm_eps = float(norm_eps)
+        self.reg_eps = float(reg_eps)
+        self._init_preference(pref_vector)
+
+    def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        k = gramian.shape[0]
+        g = regularized_normalized_gramian(
+            gramian.detach().to("cpu", torch.float64), norm_eps=self.norm_eps, reg_eps=self.reg_eps
+        )
+        weights = project_onto_dual_cone(g, self.preference(k, g))
+        return weights.to(device=gramian.device, dtype=gramian.dtype)
+
+    def extra_repr(self) -> str:
+        return f"norm_eps={self.norm_eps}, reg_eps={self.reg_eps}, level={self.level!r}"
+
+
+__all__ = ["DualProj"]

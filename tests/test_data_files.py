@@ -175,7 +175,7 @@ def test_non_numeric_feature_names_the_column() -> None:
         frame_table(frame)
     assert str(info.value) == (
         "data.csv: data row 1, column 'colour': 'red' is not a number; feature columns must be "
-        "numeric: encode it (e.g. one-hot) or drop it"
+        "numeric: list it under `categorical`, encode it or drop it"
     )
 
 

@@ -157,6 +157,9 @@ def train(
         ) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print_results(result)
+    from polytask.train.distributed import shutdown_distributed
+
+    shutdown_distributed()
 
 
 @app.command()

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from polytask.balancing.reduce import Reducer
+from polytask.data.preprocess import inputs_to
 from polytask.models import MultiTaskModel
 from polytask.tasks import TaskSpec, compute_metrics
 
@@ -46,7 +47,7 @@ def evaluate(
     loss_sum = torch.zeros(len(tasks), dtype=torch.float64, device=device)
     count_sum = torch.zeros(len(tasks), dtype=torch.float64, device=device)
     for x, y in batches:
-        x = x.to(device, non_blocking=True)
+        x = inputs_to(x, device)
         outputs = model(x).outputs
         for i, task in enumerate(tasks):
             target = y[task.name].to(device, non_blocking=True)

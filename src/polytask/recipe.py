@@ -24,7 +24,8 @@ import yaml
 from polytask import __version__
 from polytask.balancing import Balancer, build_balancer
 from polytask.config import RunConfig, config_to_dict, load_config, parse_config
-from polytask.data.multilabel import BatchLoader, DataBundle, Standardizer, build_bundle
+from polytask.data.multilabel import BatchLoader, DataBundle, apply_preprocessors, build_bundle
+from polytask.data.preprocess import Inputs, Preprocessor, preprocessor_from_dict
 from polytask.data.sources import DATASETS
 from polytask.errors import CheckpointError, ConfigError, DataError
 from polytask.evaluate import TaskMetrics, delta_m, evaluate, monitor_problem
@@ -96,7 +97,7 @@ def eval_batches(
 
 
 # ---------------------------------------------------------------------------------- model
-def build_run_model(config: RunConfig, tasks: Sequence[TaskSpec], input_shape: Sequence[int]):
+def build_run_model(config: RunConfig, tasks: Sequence[TaskSpec], input_shape: Any):
     """The model and balancer a configuration describes (before any training)."""
     model = build_model(
         tasks,
@@ -123,9 +124,12 @@ def run_metadata(config: RunConfig, bundle: DataBundle) -> dict[str, Any]:
         "polytask_version": __version__,
         "config": config_to_dict(config),
         "tasks": [t.to_dict() for t in bundle.tasks],
-        "input_shape": list(bundle.input_shape),
+        "input_shape": bundle.input_shape
+        if isinstance(bundle.input_shape, dict)
+        else list(bundle.input_shape),
         "feature_names": bundle.feature_names,
-        "standardizer": bundle.standardizer.to_dict() if bundle.standardizer else None,
+        "categorical_names": bundle.categorical_names,
+        "preprocessors": {k: p.to_dict() for k, p in bundle.preprocessors.items()},
         "data": bundle.info,
     }
 
@@ -340,12 +344,15 @@ class TrainedModel:
     model: MultiTaskModel
     tasks: list[TaskSpec]
     config: RunConfig
-    input_shape: tuple[int, ...]
+    input_shape: Any
     feature_names: list[str] | None
-    standardizer: Standardizer | None
+    categorical_names: list[str] | None
+    preprocessors: dict[str, Preprocessor]
 
-    def preprocess(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.standardizer.apply(inputs) if self.standardizer is not None else inputs
+    def preprocess(self, raw: Any) -> Inputs:
+        """Raw inputs (as the dataset gives them) → model inputs, with the run's fitted
+        preprocessing."""
+        return apply_preprocessors(raw, self.preprocessors)
 
 
 def load_trained(run_dir: Path, *, checkpoint: str = "best") -> TrainedModel:
@@ -360,14 +367,15 @@ def load_trained(run_dir: Path, *, checkpoint: str = "best") -> TrainedModel:
     model, _ = build_run_model(config, tasks, meta["input_shape"])
     model.load_state_dict(state["model"])
     model.eval()
-    std = meta.get("standardizer")
+    shape = meta["input_shape"]
     return TrainedModel(
         model=model,
         tasks=tasks,
         config=config,
-        input_shape=tuple(meta["input_shape"]),
+        input_shape=shape if isinstance(shape, dict) else tuple(shape),
         feature_names=meta.get("feature_names"),
-        standardizer=Standardizer.from_dict(std) if std else None,
+        categorical_names=meta.get("categorical_names"),
+        preprocessors={k: preprocessor_from_dict(d) for k, d in meta["preprocessors"].items()},
     )
 
 
@@ -406,18 +414,37 @@ def predict_file(
     from polytask.serve.predict import predict_arrays
 
     trained = load_trained(run_dir, checkpoint=checkpoint)
-    width = int(np.prod(trained.input_shape))
-    if trained.feature_names is not None:
-        features = read_features(input_path, trained.feature_names)
+    shape = trained.input_shape
+    raw: Any
+    if isinstance(shape, dict):  # named blocks: numeric features and categorical columns
+        frame = read_frame(input_path)
+        raw = {}
+        if "numeric" in shape:
+            raw["numeric"] = read_features(input_path, trained.feature_names or [])
+        if "categorical" in shape:
+            names = trained.categorical_names or []
+            missing = [c for c in names if c not in frame.columns]
+            if missing:
+                raise DataError(f"{input_path}: missing categorical column(s) {missing}")
+            raw["categorical"] = frame[names].to_numpy(dtype=object)
+        unknown = set(shape) - {"numeric", "categorical"}
+        if unknown:
+            raise DataError(
+                f"{run_dir}: predict from a table does not handle input blocks {sorted(unknown)}"
+            )
+    elif trained.feature_names is not None:
+        raw = read_features(input_path, trained.feature_names)
     else:
+        width = int(np.prod(shape))
         frame = read_frame(input_path)
         if frame.shape[1] != width:
             raise DataError(
                 f"{input_path}: the model takes {width} input columns "
-                f"(shape {list(trained.input_shape)} flattened), found {frame.shape[1]}"
+                f"(shape {list(shape)} flattened), found {frame.shape[1]}"
             )
         features = read_features(input_path, [str(c) for c in frame.columns])
-    inputs = torch.as_tensor(features).reshape(-1, *trained.input_shape)
-    columns = predict_arrays(trained.model, trained.tasks, inputs, preprocess=trained.preprocess)
+        raw = features.reshape(-1, *shape)
+    inputs = trained.preprocess(raw)
+    columns = predict_arrays(trained.model, trained.tasks, inputs)
     write_frame(pd.DataFrame(columns), output_path)
-    return int(inputs.shape[0])
+    return len(next(iter(columns.values())))

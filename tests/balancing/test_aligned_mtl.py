@@ -31,7 +31,9 @@ def _train_step(name: str, **params: Any) -> None:
     y = {"r": torch.randn(16), "b": torch.rand(16).round(), "c": torch.randint(0, 3, (16,))}
     out = model(x)
     losses = {t.name: t.compute_loss(out.outputs[t.name], y[t.name])[0] for t in tasks}
-    result = balancer.backward(losses, shared_params=model.shared_parameters(), features=out.features)
+    result = balancer.backward(
+        losses, shared_params=model.shared_parameters(), features=out.features
+    )
     assert result.weights.shape == (3,) and torch.isfinite(result.weights).all()
     for p in model.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()

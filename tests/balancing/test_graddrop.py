@@ -31,7 +31,9 @@ def _train_step(name: str, **params: Any) -> None:
     y = {"r": torch.randn(16), "b": torch.rand(16).round(), "c": torch.randint(0, 3, (16,))}
     out = model(x)
     losses = {t.name: t.compute_loss(out.outputs[t.name], y[t.name])[0] for t in tasks}
-    result = balancer.backward(losses, shared_params=model.shared_parameters(), features=out.features)
+    result = balancer.backward(
+        losses, shared_params=model.shared_parameters(), features=out.features
+    )
     assert torch.equal(result.weights, torch.ones(3))
     for p in model.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
@@ -69,12 +71,15 @@ def test_every_coordinate_is_one_signed_sum(k: int) -> None:
     assert torch.equal(update[same_sign], j.sum(0)[same_sign])
 
 
-@pytest.mark.parametrize(("column", "purity"), [((3.0, -1.0), 0.75), ((-3.0, 1.0, 0.5), 0.25)])
+# (3, −1): P = ½ (1 + 2/4) = 0.75;   (−3, 1, 0.5): P = ½ (1 − 1.5/4.5) = 1/3
+@pytest.mark.parametrize(("column", "purity"), [((3.0, -1.0), 0.75), ((-3.0, 1.0, 0.5), 1 / 3)])
 def test_keep_positive_frequency_matches_purity(column: tuple[float, ...], purity: float) -> None:
     n = 40_000
     j = torch.tensor(column)[:, None].repeat(1, n)
     assert float(sign_purity(j)[0]) == pytest.approx(purity)
-    update, _ = GradDrop([f"t{i}" for i in range(len(column))]).aggregate(j, torch.ones(len(column)))
+    update, _ = GradDrop([f"t{i}" for i in range(len(column))]).aggregate(
+        j, torch.ones(len(column))
+    )
     positive = float(j[:, 0].clamp(min=0).sum())
     frequency = float((update == positive).double().mean())
     sigma = (purity * (1 - purity) / n) ** 0.5

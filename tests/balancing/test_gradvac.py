@@ -97,7 +97,7 @@ def test_ema_of_the_targets_by_hand() -> None:
     j = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
     c = 1 / math.sqrt(2)
     for expected in (0.1 * c, 0.9 * 0.1 * c + 0.1 * c):
-        update, weights = agg.aggregate(j, torch.ones(2))
+        _, weights = agg.aggregate(j, torch.ones(2))
         torch.testing.assert_close(weights, torch.ones(2, dtype=torch.float64))  # plain sum
         assert float(agg.targets[0, 1]) == pytest.approx(expected, rel=1e-12)
         assert float(agg.targets[1, 0]) == pytest.approx(expected, rel=1e-12)

@@ -155,10 +155,10 @@ def test_training_step() -> None:
 
 
 def test_update_every_reuses_weights_and_clips_the_reused_steps() -> None:
-    result, model = _train_step("nash_mtl", steps=3, update_every=2, max_norm=0.01)
+    _, model = _train_step("nash_mtl", steps=3, update_every=2, max_norm=0.01)
     shared = torch.cat([p.grad.reshape(-1) for p in model.shared_parameters()])
     assert float(shared.norm()) <= 0.01 + 1e-6  # step 3 (index 2) recomputed and clipped
-    result, model = _train_step("nash_mtl", steps=2, update_every=2, max_norm=0.01)
+    _, model = _train_step("nash_mtl", steps=2, update_every=2, max_norm=0.01)
     shared = torch.cat([p.grad.reshape(-1) for p in model.shared_parameters()])
     assert float(shared.norm()) <= 0.01 + 1e-6  # step 2 reused the weights, then clipped
 

@@ -93,7 +93,7 @@ def _numbers(frame: pd.DataFrame, column: str, source: str, hint: str) -> np.nda
 def _feature_matrix(frame: pd.DataFrame, columns: Sequence[str], source: str) -> np.ndarray:
     """float32 ``[N, F]`` of ``columns``; ``DataError`` for a non-numeric column or an empty,
     NaN or infinite cell."""
-    hint = "feature columns must be numeric: encode it (e.g. one-hot) or drop it"
+    hint = "feature columns must be numeric: list it under `categorical`, encode it or drop it"
     x = np.empty((len(frame), len(columns)), dtype=np.float32)
     for j, column in enumerate(columns):
         x[:, j] = _numbers(frame, column, source, hint)
@@ -154,10 +154,14 @@ def table_from_frame(
     feature_columns: Sequence[str] | None,
     source: str,
     split_column: str | None = None,
+    categorical_columns: Sequence[str] | None = None,
 ) -> MultiLabelTable:
     """A validated table: ``label_columns[task]`` (default: the task's name) hold each task's
     labels (several columns for multilabel and vector regression), ``feature_columns`` (default:
-    every other column) the inputs, and ``split_column`` an optional fixed train/val/test split."""
+    every other column) the numeric inputs, ``categorical_columns`` categorical inputs (any
+    values; a vocabulary is built on the training split, unknown values map to a reserved code),
+    and ``split_column`` an optional fixed train/val/test split."""
+    categorical = list(categorical_columns or [])
     available = [str(c) for c in frame.columns]
     columns = {t.name: list(label_columns.get(t.name, [t.name])) for t in tasks}
     wanted = [(c, f"labels of task {name!r}") for name, cols in columns.items() for c in cols]
@@ -165,6 +169,7 @@ def table_from_frame(
         wanted.append((split_column, "split column"))
     if feature_columns is not None:
         wanted.extend((c, "feature column") for c in feature_columns)
+    wanted.extend((c, "categorical column") for c in categorical)
     for column, role in wanted:
         if column not in frame.columns:
             raise DataError(
@@ -180,6 +185,10 @@ def table_from_frame(
     used = {c for cols in columns.values() for c in cols}
     if split_column is not None:
         used.add(split_column)
+    overlap = sorted(used.intersection(categorical))
+    if overlap:
+        raise ConfigError(f"{source}: column(s) {overlap} are both categorical and labels/split")
+    used.update(categorical)
     if feature_columns is None:
         features = [c for c in frame.columns if c not in used]
     else:
@@ -187,10 +196,15 @@ def table_from_frame(
         overlap = sorted(used.intersection(features))
         if overlap:
             raise ConfigError(f"{source}: column(s) {overlap} are both features and labels/split")
-    if not features:
+    if not features and not categorical:
         raise DataError(f"{source}: no feature columns left besides labels and split")
+    numeric = _feature_matrix(frame, features, source)
+    inputs: np.ndarray | dict[str, np.ndarray] = numeric
+    if categorical:
+        inputs = {"numeric": numeric, "categorical": frame[categorical].to_numpy(dtype=object)}
     table = MultiLabelTable(
-        inputs=_feature_matrix(frame, features, source),
+        inputs=inputs,
+        categorical_names=categorical or None,
         targets={t.name: _labels(frame, t, columns[t.name], source) for t in tasks},
         tasks=list(tasks),
         feature_names=[str(c) for c in features],

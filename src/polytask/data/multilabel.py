@@ -17,28 +17,51 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from polytask.data.preprocess import (
+    CategoryVocabulary,
+    Inputs,
+    Preprocessor,
+    Standardizer,
+    input_spec,
+    num_rows,
+    take_inputs,
+)
 from polytask.errors import DataError
 from polytask.tasks import TaskSpec
 
-Batch = tuple[Tensor, dict[str, Tensor]]
+Batch = tuple[Inputs, dict[str, Tensor]]
 SPLITS = ("train", "val", "test")
 
 
 @dataclass
 class MultiLabelTable:
     """Raw multi-task data: ``inputs[i]`` with ``targets[task][i]`` (missing labels encoded as in
-    ``polytask.tasks``), and optionally a fixed split (0 train, 1 validation, 2 test)."""
+    ``polytask.tasks``), and optionally a fixed split (0 train, 1 validation, 2 test).
 
-    inputs: np.ndarray
+    ``inputs`` is one numeric array (tabular features, images) or a dict of named blocks (e.g.
+    ``{"numeric": ..., "categorical": ...}``, or one block per modality). ``preprocessors`` maps
+    a block name to a preprocessor fitted on the training rows (``polytask.data.preprocess``);
+    by default numeric blocks are standardised and a ``categorical`` block (raw values, any type,
+    ``None``/NaN = missing) gets a vocabulary per column (``categorical_names``).
+    """
+
+    inputs: np.ndarray | dict[str, Any]
     targets: dict[str, np.ndarray]
     tasks: list[TaskSpec]
     feature_names: list[str] | None = None
     split: np.ndarray | None = None
     source: str = "dataset"
+    categorical_names: list[str] | None = None
+    preprocessors: dict[str, Preprocessor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        if isinstance(self.inputs, dict):
+            return len(next(iter(self.inputs.values())))
+        return len(self.inputs)
 
     def validate(self) -> None:
         """Raise ``DataError`` naming the source, task and first bad row."""
-        n = len(self.inputs)
+        n = len(self)
         if n == 0:
             raise DataError(f"{self.source}: no samples")
         for task in self.tasks:
@@ -70,9 +93,19 @@ class MultiLabelTable:
                     f"{self.source}: task {task.name!r} needs {task.num_classes} label columns, "
                     f"found shape {tuple(y.shape)}"
                 )
-        if not np.isfinite(self.inputs).all():
-            row = int(np.flatnonzero(~np.isfinite(self.inputs.reshape(n, -1)).all(axis=1))[0])
-            raise DataError(f"{self.source}: row {row}: input features contain NaN or infinity")
+        blocks = self.inputs if isinstance(self.inputs, dict) else {"inputs": self.inputs}
+        for name, block in blocks.items():
+            if len(block) != n:
+                raise DataError(f"{self.source}: input {name!r} has {len(block)} rows for {n}")
+            array = np.asarray(block) if not isinstance(block, list) else None
+            if array is None or array.dtype.kind not in "fiub":
+                continue  # raw values (categories, text) are checked by their preprocessor
+            finite = np.isfinite(array.reshape(n, -1)).all(axis=1)
+            if not finite.all():
+                row = int(np.flatnonzero(~finite)[0])
+                raise DataError(
+                    f"{self.source}: row {row}: input {name!r} contains NaN or infinity"
+                )
         if self.split is not None and len(self.split) != n:
             raise DataError(f"{self.source}: split has {len(self.split)} entries for {n} samples")
 
@@ -87,22 +120,23 @@ def target_tensor(task: TaskSpec, values: np.ndarray) -> Tensor:
     return y
 
 
-class MultiLabelDataset(Dataset[tuple[Tensor, dict[str, Tensor]]]):
-    """In-memory tensors: ``inputs`` ``[N, ...]`` and one label tensor per task."""
+class MultiLabelDataset(Dataset[tuple[Inputs, dict[str, Tensor]]]):
+    """In-memory tensors: ``inputs`` ``[N, ...]`` (or a dict of them) and one label tensor per
+    task."""
 
-    def __init__(self, inputs: Tensor, targets: dict[str, Tensor]) -> None:
+    def __init__(self, inputs: Inputs, targets: dict[str, Tensor]) -> None:
         self.inputs = inputs
         self.targets = targets
 
     def __len__(self) -> int:
-        return int(self.inputs.shape[0])
+        return num_rows(self.inputs)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.inputs[index], {t: y[index] for t, y in self.targets.items()}
+    def __getitem__(self, index: int) -> tuple[Inputs, dict[str, Tensor]]:
+        return self.take(torch.as_tensor(index))
 
     def take(self, index: Tensor) -> Batch:
         """A batch of the rows in ``index`` (one gather per tensor)."""
-        return self.inputs[index], {t: y[index] for t, y in self.targets.items()}
+        return take_inputs(self.inputs, index), {t: y[index] for t, y in self.targets.items()}
 
     def select_tasks(self, names: Sequence[str]) -> MultiLabelDataset:
         """The same samples with only the labels of ``names``."""
@@ -110,53 +144,55 @@ class MultiLabelDataset(Dataset[tuple[Tensor, dict[str, Tensor]]]):
 
 
 @dataclass
-class Standardizer:
-    """Per-feature ``(x - mean) / std`` fitted on the training split; constant features keep
-    std 1."""
-
-    mean: Tensor
-    std: Tensor
-
-    @classmethod
-    def fit(cls, x: Tensor) -> Standardizer:
-        flat = x.reshape(x.shape[0], -1).double()
-        mean = flat.mean(dim=0)
-        std = flat.std(dim=0, correction=0)
-        std = torch.where(std > 1e-12, std, torch.ones_like(std))
-        return cls(mean.float().reshape(x.shape[1:]), std.float().reshape(x.shape[1:]))
-
-    def apply(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "shape": list(self.mean.shape),
-            "mean": self.mean.reshape(-1).tolist(),
-            "std": self.std.reshape(-1).tolist(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Standardizer:
-        shape = tuple(d["shape"])
-        return cls(torch.tensor(d["mean"]).reshape(shape), torch.tensor(d["std"]).reshape(shape))
-
-
-@dataclass
 class DataBundle:
-    """Train/validation/test datasets with everything needed to preprocess new inputs."""
+    """Train/validation/test datasets with everything needed to preprocess new inputs.
+
+    ``input_shape`` is what encoders are built from: the per-sample shape of a tensor input, or a
+    dict describing each block of a dict input (``polytask.data.preprocess.input_spec``).
+    ``preprocessors`` holds the fitted preprocessors by block name (``""`` for a tensor input).
+    """
 
     tasks: list[TaskSpec]
     train: MultiLabelDataset
     val: MultiLabelDataset
     test: MultiLabelDataset
-    input_shape: tuple[int, ...]
+    input_shape: Any
     feature_names: list[str] | None = None
-    standardizer: Standardizer | None = None
+    preprocessors: dict[str, Preprocessor] = field(default_factory=dict)
+    categorical_names: list[str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
-    def preprocess(self, inputs: Tensor) -> Tensor:
-        """Apply the training split's standardisation to new inputs."""
-        return self.standardizer.apply(inputs) if self.standardizer is not None else inputs
+    def preprocess(self, raw: Any) -> Inputs:
+        """Apply the fitted preprocessing to new raw inputs (same layout as the table's)."""
+        return apply_preprocessors(raw, self.preprocessors)
+
+
+def apply_preprocessors(raw: Any, preprocessors: dict[str, Preprocessor]) -> Inputs:
+    """Raw inputs (an array, or a dict of blocks) → tensors, through fitted preprocessors."""
+    if not isinstance(raw, dict):
+        pre = preprocessors.get("")
+        if pre is not None:
+            return pre.transform(raw)
+        return torch.as_tensor(np.asarray(raw, dtype=np.float32))
+    out: dict[str, Tensor] = {}
+    for key, block in raw.items():
+        pre = preprocessors.get(key)
+        if pre is not None:
+            out[key] = pre.transform(block)
+        else:
+            out[key] = torch.as_tensor(np.asarray(block, dtype=np.float32))
+    return out
+
+
+def _default_preprocessor(
+    key: str, block: Any, *, standardize: bool, categorical_names: list[str] | None
+) -> Preprocessor | None:
+    if key == "categorical":
+        return CategoryVocabulary(categorical_names or [])
+    array = np.asarray(block) if not isinstance(block, list) else None
+    if standardize and array is not None and array.dtype.kind == "f":
+        return Standardizer()
+    return None
 
 
 def split_indices(
@@ -193,16 +229,26 @@ def build_bundle(
         parts = {name: np.flatnonzero(table.split == code) for code, name in enumerate(SPLITS)}
     else:
         parts = split_indices(
-            len(table.inputs), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+            len(table), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
         )
     if len(parts["train"]) == 0:
         raise DataError(f"{table.source}: the training split is empty")
-    inputs = torch.as_tensor(np.asarray(table.inputs, dtype=np.float32))
+    train_rows = parts["train"]
+    preprocessors: dict[str, Preprocessor] = {}
+    if isinstance(table.inputs, dict):
+        blocks: dict[str, Any] = table.inputs
+    else:
+        blocks = {"": table.inputs}
+    for key, block in blocks.items():
+        pre = table.preprocessors.get(key) or _default_preprocessor(
+            key, block, standardize=standardize, categorical_names=table.categorical_names
+        )
+        if pre is not None:
+            pre.fit(_rows(block, train_rows))
+            preprocessors[key] = pre
+    processed = apply_preprocessors(table.inputs, preprocessors)
     targets = {t.name: target_tensor(t, table.targets[t.name]) for t in table.tasks}
-    train_idx = torch.as_tensor(parts["train"])
-    standardizer = Standardizer.fit(inputs[train_idx]) if standardize else None
-    if standardizer is not None:
-        inputs = standardizer.apply(inputs)
+    train_idx = torch.as_tensor(train_rows)
     tasks = []
     for task in table.tasks:
         if task.kind == "regression":
@@ -217,18 +263,31 @@ def build_bundle(
 
     def subset(name: str) -> MultiLabelDataset:
         idx = torch.as_tensor(parts[name])
-        return MultiLabelDataset(inputs[idx].contiguous(), {t: y[idx] for t, y in targets.items()})
+        inputs = take_inputs(processed, idx)
+        if isinstance(inputs, dict):
+            inputs = {k: v.contiguous() for k, v in inputs.items()}
+        else:
+            inputs = inputs.contiguous()
+        return MultiLabelDataset(inputs, {t: y[idx] for t, y in targets.items()})
 
     return DataBundle(
         tasks=tasks,
         train=subset("train"),
         val=subset("val"),
         test=subset("test"),
-        input_shape=tuple(inputs.shape[1:]),
+        input_shape=input_spec(processed, preprocessors),
         feature_names=table.feature_names,
-        standardizer=standardizer,
+        preprocessors=preprocessors,
+        categorical_names=table.categorical_names,
         info={"source": table.source, "sizes": {k: len(v) for k, v in parts.items()}},
     )
+
+
+def _rows(block: Any, rows: np.ndarray) -> Any:
+    """Rows ``rows`` of an array or of a list (e.g. texts)."""
+    if isinstance(block, list):
+        return [block[i] for i in rows]
+    return np.asarray(block)[rows]
 
 
 class BatchLoader:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from polytask.data.preprocess import Inputs, inputs_to, num_rows, take_inputs
 from polytask.models import MultiTaskModel
 from polytask.tasks import TaskSpec
 
@@ -16,9 +17,8 @@ from polytask.tasks import TaskSpec
 def predict_arrays(
     model: MultiTaskModel,
     tasks: Sequence[TaskSpec],
-    inputs: Tensor,
+    inputs: Inputs,
     *,
-    preprocess: Callable[[Tensor], Tensor] = lambda x: x,
     batch_size: int = 1024,
     device: torch.device | str = "cpu",
 ) -> dict[str, np.ndarray]:
@@ -27,8 +27,9 @@ def predict_arrays(
     (regression; ``task_i`` per output when there are several)."""
     model.eval().to(device)
     decoded: dict[str, list[Tensor]] = {t.name: [] for t in tasks}
-    for start in range(0, inputs.shape[0], batch_size):
-        x = preprocess(inputs[start : start + batch_size]).to(device)
+    n = num_rows(inputs)
+    for start in range(0, n, batch_size):
+        x = inputs_to(take_inputs(inputs, torch.arange(start, min(start + batch_size, n))), device)
         outputs = model(x).outputs
         for task in tasks:
             decoded[task.name].append(task.decode(outputs[task.name]).cpu())

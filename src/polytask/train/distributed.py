@@ -106,3 +106,10 @@ def launch(arguments: Sequence[str]) -> None:
     from torch.distributed.run import main as torchrun
 
     torchrun(list(arguments))
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly (after a final barrier), if one was started."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

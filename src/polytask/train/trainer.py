@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from polytask.balancing import Balancer
+from polytask.data.preprocess import inputs_to
 from polytask.errors import CheckpointError
 from polytask.evaluate import TaskMetrics, evaluate, monitor_higher_is_better, monitor_value
 from polytask.models import MultiTaskModel
@@ -340,7 +341,7 @@ class Trainer:
     def train_step(self, x: Tensor, y: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """One optimizer step; returns (task losses, present mask, balancer weights), all on the
         device and without host synchronisation."""
-        x = x.to(self.device, non_blocking=True)
+        x = inputs_to(x, self.device)
         sync_by_method = self.dist.enabled and self.balancer.reduces_own_gradients
         with self.train_model.no_sync() if sync_by_method else nullcontext():  # type: ignore[operator]
             out = self.train_model(x)

@@ -19,14 +19,17 @@ def user_file(
     path: str,
     tasks: list[dict[str, Any]],
     features: list[str] | None = None,
+    categorical: list[str] | None = None,
     split_column: str | None = None,
 ) -> MultiLabelTable:
     """A CSV (``.csv``, ``.csv.gz``) or Parquet (``.parquet``, ``.pq``) file, one sample per row.
 
     ``tasks`` lists ``{name, kind, num_classes?, column? | columns?, loss?, metrics?, weight?}``
-    (see ``polytask.data.files.tasks_from_dicts``); ``features`` defaults to every column that is
-    neither a label nor ``split_column`` (values train/val/test; without it, the split is drawn by
-    seed). Empty cells are missing labels. ``seed`` is unused: the file is the data.
+    (see ``polytask.data.files.tasks_from_dicts``); ``categorical`` lists categorical input
+    columns (embedded by the ``tabular`` encoder); ``features`` (numeric inputs) defaults to every
+    column that is neither a label, categorical, nor ``split_column`` (values train/val/test;
+    without it, the split is drawn by seed). Empty cells are missing labels. ``seed`` is unused:
+    the file is the data.
     """
     specs, columns = tasks_from_dicts(tasks, source=path)
     return table_from_frame(
@@ -36,4 +39,5 @@ def user_file(
         feature_columns=features,
         source=path,
         split_column=split_column,
+        categorical_columns=categorical,
     )

@@ -68,7 +68,7 @@ class Standardizer:
         >>> s = Standardizer()
         >>> s.fit(np.array([[1.0], [3.0]]))
         >>> s.transform(np.array([[2.0], [5.0]])).tolist()
-        [[0.0], [2.0]]
+        [[0.0], [3.0]]
     """
 
     kind: ClassVar[str] = "standardize"

@@ -81,7 +81,7 @@ def _one_step(method: str, ctx: DistributedContext | None) -> dict[str, torch.Te
     )
     for _ in range(2):  # two steps: stateful methods use their state on the second
         for xb, yb in loader:
-            trainer.train_step(xb, yb)
+            trainer.train_step([(xb, yb)])
     state = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
     state.update({f"balancer.{k}": v.detach().clone() for k, v in balancer.state_dict().items()})
     return state

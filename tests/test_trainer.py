@@ -14,8 +14,9 @@ from polytask.train.runlog import read_metrics
 
 
 def _records(path: Path) -> list[dict]:
-    """The metrics log without wall-clock times (the only field allowed to differ)."""
-    return [{k: v for k, v in r.items() if k != "time_s"} for r in read_metrics(path)]
+    """The metrics log without wall-clock measurements (the only fields allowed to differ)."""
+    timed = {"time_s", "train_time_s", "data_wait_fraction"}
+    return [{k: v for k, v in r.items() if k not in timed} for r in read_metrics(path)]
 
 
 def _train(raw: dict, run_dir: Path, **kwargs):
@@ -114,3 +115,61 @@ def test_sgd_and_constant_schedule(tiny_raw: dict, tmp_path: Path) -> None:
     assert records[-1]["lr"] == pytest.approx(0.01)
     assert records[0]["weights"] == {"t1": 1.0, "t2": 1.0}
     assert result.test["t1"]["rmse"] > 0
+
+
+def test_accumulated_micro_batches_equal_one_large_batch(tiny_raw: dict, tmp_path: Path) -> None:
+    """Two micro-batches of B (missing labels included) step exactly like one batch of 2B."""
+    tiny_raw["model"]["encoder_params"]["dropout"] = 0.0
+    tiny_raw["train"]["epochs"] = 2
+    tiny_raw["schedule"] = {"name": "constant"}
+    tiny_raw["data"]["batch_size"] = 64
+    big = _train(tiny_raw, tmp_path / "big")
+    tiny_raw["data"]["batch_size"] = 32
+    tiny_raw["train"]["accumulate_steps"] = 2
+    small = _train(tiny_raw, tmp_path / "small")
+    for task, metrics in big.test.items():
+        for name, value in metrics.items():
+            assert small.test[task][name] == pytest.approx(value, rel=1e-4, abs=1e-5), (task, name)
+
+
+def test_bf16_autocast_trains_on_cpu(tiny_raw: dict, tmp_path: Path) -> None:
+    tiny_raw["train"]["precision"] = "bf16"
+    tiny_raw["balancing"] = {"method": "mgda"}  # a gradient method: Gramian in fp32
+    result = _train(tiny_raw, tmp_path / "run")
+    assert all(v == v for m in result.test.values() for v in m.values())  # no NaN
+
+
+def test_fp16_on_cpu_and_unsupported_methods_fail_clearly(tiny_raw: dict, tmp_path: Path) -> None:
+    from polytask.errors import ConfigError
+
+    tiny_raw["train"]["precision"] = "fp16"
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        _train(tiny_raw, tmp_path / "a")
+    tiny_raw["train"]["precision"] = "fp32"
+    tiny_raw["train"]["accumulate_steps"] = 2
+    tiny_raw["balancing"] = {"method": "gradnorm"}
+    with pytest.raises(ConfigError, match="GradNorm does not support"):
+        _train(tiny_raw, tmp_path / "b")
+
+
+def test_compile_falls_back_cleanly(tiny_raw: dict, tmp_path: Path, monkeypatch) -> None:
+    """Where torch.compile cannot run, training continues eagerly with the same result."""
+    import torch
+
+    def broken_compile(module, *args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("no compiler on this machine")
+
+        return run
+
+    eager = _train(tiny_raw, tmp_path / "eager")
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    tiny_raw["train"]["compile"] = True
+    compiled = _train(tiny_raw, tmp_path / "compiled")
+    assert compiled.test == eager.test
+
+
+def test_data_wait_is_reported(tiny_raw: dict, tmp_path: Path) -> None:
+    _train(tiny_raw, tmp_path / "run")
+    record = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert 0.0 <= record["data_wait_fraction"] < 1.0 and record["train_time_s"] > 0

@@ -89,6 +89,11 @@ class TrainConfig(_Strict):
     deterministic: bool = True
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     progress: bool = True
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast precision: bf16 (CPU, CUDA) or fp16 with loss scaling (CUDA)"
+    )
+    accumulate_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    compile: bool = Field(False, description="torch.compile the model (falls back if unsupported)")
 
 
 class EvaluateConfig(_Strict):

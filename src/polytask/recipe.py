@@ -194,7 +194,7 @@ def train_from_config(
         rank=ctx.rank,
         world_size=ctx.world_size,
     )
-    steps_per_epoch = len(train_batches)
+    steps_per_epoch = -(-len(train_batches) // config.train.accumulate_steps)
     scheduler = build_scheduler(
         optimizer,
         name=config.schedule.name,
@@ -226,6 +226,9 @@ def train_from_config(
         progress=config.train.progress if progress is None else progress,
         description=description or config.name,
         distributed=ctx,
+        precision=config.train.precision,
+        accumulate_steps=config.train.accumulate_steps,
+        compile=config.train.compile,
     )
     fit = trainer.fit(resume=resume)
     load_weights(model, run_dir / "checkpoints" / "best.safetensors")

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.balancing.reduce import Reducer
+from polytask.errors import ConfigError
 from polytask.registry import Registry
 from polytask.tasks import TaskSpec
 
@@ -87,12 +88,26 @@ class Balancer(nn.Module):
     reduces_own_gradients: ClassVar[bool] = False
     #: the method takes ratios or logarithms of the losses (they must be positive)
     requires_positive_losses: ClassVar[bool] = False
+    #: the method honours ``grad_scale`` (mixed-precision loss scaling, gradient accumulation)
+    supports_grad_scale: ClassVar[bool] = False
 
     def __init__(self, tasks: Sequence[TaskSpec | str]) -> None:
         super().__init__()
         self.tasks = list(tasks)
         self.task_names = task_names(tasks)
         self.reducer: Reducer | None = None
+        self.grad_scale: Tensor | float = 1.0
+
+    def set_grad_scale(self, scale: Tensor | float) -> None:
+        """Multiply every gradient this balancer writes by ``scale`` without changing the loss
+        values its method sees: the fp16 loss scale divided by the number of accumulated
+        micro-batches. Only methods with ``supports_grad_scale`` honour it."""
+        if not self.supports_grad_scale and not (isinstance(scale, float) and scale == 1.0):
+            raise ConfigError(
+                f"{type(self).__name__} does not support fp16 loss scaling or gradient "
+                "accumulation; use precision bf16/fp32 and accumulate_steps 1"
+            )
+        self.grad_scale = scale
 
     def distribute(self, reducer: Reducer | None) -> None:
         """Run under data parallelism: ``reducer`` averages over processes (see
@@ -125,6 +140,8 @@ class Balancer(nn.Module):
 class LossWeighting(Balancer):
     """A method that combines the losses into one scalar and back-propagates it once."""
 
+    supports_grad_scale: ClassVar[bool] = True
+
     def combine(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         """(scalar to back-propagate, weights ``[K]``) for the loss vector ``losses``."""
         raise NotImplementedError
@@ -142,7 +159,7 @@ class LossWeighting(Balancer):
             present = torch.ones_like(vector, dtype=torch.bool)
         if self.reducer is None:
             total, weights = self.combine(vector, present)
-            total.backward()
+            (total * self.grad_scale).backward()
             return BalanceResult(weights=weights.detach(), loss=total.detach())
         return self._distributed_backward(vector, present)
 
@@ -158,8 +175,9 @@ class LossWeighting(Balancer):
         own = [p for p in self.parameters() if p.requires_grad]
         grads = torch.autograd.grad(total, [values, *own], allow_unused=True)
         d_values = grads[0] if grads[0] is not None else torch.zeros_like(values)
-        (d_values.detach() * vector).sum().backward()
+        ((d_values.detach() * vector).sum() * self.grad_scale).backward()
         for p, g in zip(own, grads[1:], strict=True):
             if g is not None:
+                g = g * self.grad_scale
                 p.grad = g if p.grad is None else p.grad + g
         return BalanceResult(weights=weights.detach(), loss=total.detach())

@@ -62,6 +62,7 @@ class GradientAggregator(Balancer):
     linear_in_jacobian: ClassVar[bool] = False
     #: under DDP, gradients are reduced by the method itself (run its backward in ``no_sync``)
     reduces_own_gradients: ClassVar[bool] = True
+    supports_grad_scale: ClassVar[bool] = True
     last_weights: Tensor
     steps: Tensor
 
@@ -111,7 +112,7 @@ class GradientAggregator(Balancer):
             if present is not None:
                 weights = torch.where(present, weights, torch.zeros_like(weights))
             total = (weights * vector).sum()
-            total.backward()
+            (total * self.grad_scale).backward()
             if self.reducer is not None:
                 self._reduce_grads([*shared, *self._task_params(shared, vector)])
             return BalanceResult(weights=weights.detach(), loss=total.detach())
@@ -122,15 +123,21 @@ class GradientAggregator(Balancer):
         # Task-specific parameters get the ordinary gradient of their own loss: the gradient of
         # the sum, taken only with respect to them (the graph is kept for the Jacobian).
         task_params = self._task_params(shared, kept)
+        scale = self.grad_scale
         if task_params:
-            torch.autograd.backward(kept.sum(), inputs=task_params, retain_graph=True)
+            torch.autograd.backward(kept.sum() * scale, inputs=task_params, retain_graph=True)
             if self.reducer is not None:  # the Trainer runs this under DDP's no_sync
                 self._reduce_grads(task_params)
         weights_full = torch.zeros_like(vector)
         if k == 0:
             return BalanceResult(weights=weights_full, loss=vector.sum().detach())
-        blocks = task_jacobian(kept, shared)
+        # the Jacobian of the scaled losses (fp16-safe), unscaled in fp32 for the method
+        blocks = task_jacobian(kept * scale, shared)
         jacobian = flatten_jacobian(blocks, shared, k)
+        if jacobian.dtype not in (torch.float32, torch.float64):
+            jacobian = jacobian.float()
+        if not (isinstance(scale, float) and scale == 1.0):
+            jacobian = jacobian / scale
         values = kept.detach()
         if self.reducer is not None:  # the global Jacobian and losses, identical everywhere
             jacobian = self.reducer.mean_(jacobian)
@@ -141,7 +148,7 @@ class GradientAggregator(Balancer):
         else:
             weights_full[keep] = weights.to(vector.dtype)
         self.last_weights.copy_(weights_full.detach())
-        self._apply_update(update.to(vector.dtype), shared)
+        self._apply_update(update * scale, shared)
         return BalanceResult(weights=weights_full.detach(), loss=vector.sum().detach())
 
     # ------------------------------------------------------------------ plumbing
@@ -187,12 +194,13 @@ class GradientAggregator(Balancer):
     def _apply_update(self, update: Tensor, shared: Sequence[Tensor]) -> None:
         if self.level == "features":
             (feature,) = shared
-            torch.autograd.backward(feature, grad_tensors=update.reshape(feature.shape))
+            grad = update.reshape(feature.shape).to(feature.dtype)
+            torch.autograd.backward(feature, grad_tensors=grad)
             return
         offset = 0
         for p in shared:
             n = p.numel()
-            g = update[offset : offset + n].view_as(p)
+            g = update[offset : offset + n].view_as(p).to(p.dtype)
             if p.grad is None:
                 p.grad = g.clone()
             else:

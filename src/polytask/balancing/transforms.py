@@ -86,6 +86,9 @@ class LogLosses(Balancer):
     def attach(self, model: nn.Module) -> None:
         self.inner.attach(model)
 
+    def set_grad_scale(self, scale: Tensor | float) -> None:
+        self.inner.set_grad_scale(scale)
+
     def backward(
         self,
         losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor,

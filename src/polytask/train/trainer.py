@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from polytask.balancing import Balancer
 from polytask.data.preprocess import inputs_to
-from polytask.errors import CheckpointError
+from polytask.errors import CheckpointError, ConfigError
 from polytask.evaluate import TaskMetrics, evaluate, monitor_higher_is_better, monitor_value
 from polytask.models import MultiTaskModel
 from polytask.tasks import TaskSpec
@@ -154,6 +154,9 @@ class Trainer:
         progress: bool = True,
         description: str = "train",
         distributed: DistributedContext | None = None,
+        precision: str = "fp32",
+        accumulate_steps: int = 1,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.balancer = balancer
@@ -177,6 +180,19 @@ class Trainer:
         self.dist = distributed or DistributedContext(device=device)
         if not self.dist.is_main:  # rank 0 alone logs, plots and writes checkpoints
             self.progress = False
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision: unknown {precision!r}; valid: fp32, bf16, fp16")
+        if precision == "fp16" and device.type != "cuda":
+            raise ConfigError("train.precision: fp16 needs CUDA (use bf16 on CPU)")
+        if accumulate_steps < 1:
+            raise ConfigError(f"train.accumulate_steps must be >= 1, found {accumulate_steps}")
+        self.accumulate_steps = accumulate_steps
+        self._amp = precision != "fp32"
+        self._amp_dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        if self.scaler is not None or accumulate_steps > 1:
+            balancer.set_grad_scale(0.5)  # fails early for methods that cannot scale gradients
+            balancer.set_grad_scale(1.0)
         balancer.attach(model)
         self.train_model: torch.nn.Module = model
         if self.dist.enabled:
@@ -185,6 +201,7 @@ class Trainer:
             self.train_model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        self._compiled: Any = torch.compile(self.train_model) if compile else None
         self._shared = model.shared_parameters()
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._params += [p for p in balancer.parameters() if p.requires_grad]
@@ -209,6 +226,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "balancer": self.balancer.state_dict(),
             "early_stopping": self.early_stopping.state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": capture_rng_state(),
             "metadata": self.metadata,
         }
@@ -222,6 +240,8 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.balancer.load_state_dict(state["balancer"])
         self.early_stopping.load_state_dict(state["early_stopping"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         restore_rng_state(state["rng"])
@@ -300,6 +320,20 @@ class Trainer:
             val_metrics=val_metrics,
         )
 
+    def _micro_batches(self) -> Iterator[tuple[list[Batch], float]]:
+        """Groups of ``accumulate_steps`` batches, and the seconds spent waiting for them."""
+        iterator = iter(self.train_batches)
+        while True:
+            group: list[Batch] = []
+            started = time.perf_counter()
+            for batch in iterator:
+                group.append(batch)
+                if len(group) == self.accumulate_steps:
+                    break
+            if not group:
+                return
+            yield group, time.perf_counter() - started
+
     def _train_epoch(self, bar: Progress, task_id: Any) -> dict[str, Any]:
         self.model.train()
         self.train_batches.set_epoch(self.epoch)
@@ -308,9 +342,13 @@ class Trainer:
         present_steps = torch.zeros(k, device=self.device)
         weight_sum = torch.zeros(k, device=self.device)
         steps = 0
-        refresh_every = max(1, len(self.train_batches) // 20)
-        for x, y in self.train_batches:
-            losses, present, weights = self.train_step(x, y)
+        waited = 0.0
+        started = time.perf_counter()
+        total_batches = len(self.train_batches)
+        refresh_every = max(1, total_batches // (20 * self.accumulate_steps))
+        for group, wait in self._micro_batches():
+            waited += wait
+            losses, present, weights = self.train_step(group)
             loss_sum += torch.where(present, losses.detach(), torch.zeros_like(losses))
             present_steps += present
             weight_sum += weights
@@ -318,14 +356,15 @@ class Trainer:
             if self.progress and steps % refresh_every == 0:
                 mean = (loss_sum / present_steps.clamp_min(1)).tolist()
                 text = "  ".join(f"{t.name} {v:.3f}" for t, v in zip(self.tasks, mean, strict=True))
-                bar.update(task_id, advance=refresh_every, losses=text)
+                bar.update(task_id, advance=refresh_every * len(group), losses=text)
         if self.progress:
-            bar.update(task_id, completed=self.epoch * len(self.train_batches))
+            bar.update(task_id, completed=self.epoch * total_batches)
         if self.dist.reducer is not None:  # the surrogates average to the global losses
             loss_sum = self.dist.reducer.mean(loss_sum)
         means = (loss_sum / present_steps.clamp_min(1)).tolist()
         present_counts = present_steps.tolist()
         weights_mean = (weight_sum / max(steps, 1)).tolist()
+        elapsed = time.perf_counter() - started
         train = {
             t.name: {
                 "loss": means[i] if present_counts[i] > 0 else math.nan,
@@ -336,45 +375,94 @@ class Trainer:
         return {
             "train": train,
             "weights": {t.name: weights_mean[i] for i, t in enumerate(self.tasks)},
+            "data_wait_fraction": round(waited / elapsed, 5) if elapsed > 0 else 0.0,
+            "train_time_s": round(elapsed, 4),
         }
 
-    def train_step(self, x: Tensor, y: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """One optimizer step; returns (task losses, present mask, balancer weights), all on the
-        device and without host synchronisation."""
-        x = inputs_to(x, self.device)
-        sync_by_method = self.dist.enabled and self.balancer.reduces_own_gradients
-        with self.train_model.no_sync() if sync_by_method else nullcontext():  # type: ignore[operator]
-            out = self.train_model(x)
+    def _forward(self, x: Any) -> Any:
+        """The model's forward, compiled when asked; an unsupported compile falls back to eager
+        once, with a warning."""
+        if self._compiled is not None:
+            try:
+                return self._compiled(x)
+            except Exception as exc:  # torch.compile unsupported here: fall back, once
+                self.console.print(
+                    f"[yellow]warning:[/] torch.compile failed ({type(exc).__name__}: "
+                    f"{' '.join(str(exc).split())[:160]}); training without compilation"
+                )
+                self._compiled = None
+        return self.train_model(x)
+
+    def _task_losses(self, x: Any, y: Mapping[str, Tensor]) -> tuple[Any, Tensor, Tensor]:
+        with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._amp):
+            out = self._forward(inputs_to(x, self.device))
             pairs = [
-                t.compute_loss(out.outputs[t.name], y[t.name].to(self.device, non_blocking=True))
+                t.compute_loss(
+                    out.outputs[t.name].float(), y[t.name].to(self.device, non_blocking=True)
+                )
                 for t in self.tasks
             ]
-            losses = torch.stack([loss for loss, _ in pairs])
-            counts = torch.stack([count for _, count in pairs])
-            if self.dist.reducer is not None:
-                # local surrogate N·S_k/C_k: its mean over processes is the global mean loss and
-                # DDP's average of its gradients is the global gradient (missing labels included)
-                total = self.dist.reducer.sum(counts)
-                scale = counts.to(losses.dtype) * self.dist.world_size / total.clamp_min(1)
-                losses = losses * scale
-                counts = total
-            present = counts > 0
-            if self._task_weights is not None:
-                losses = losses * self._task_weights
-            self.optimizer.zero_grad(set_to_none=True)
-            result = self.balancer.backward(
-                losses,
-                shared_params=self._shared if self.balancer.needs_shared_params else None,
-                features=out.features if self.balancer.needs_features else None,
-                present=present,
-            )
+        losses = torch.stack([loss for loss, _ in pairs])
+        counts = torch.stack([count for _, count in pairs])
+        return out, losses, counts
+
+    def train_step(self, batches: Sequence[Batch]) -> tuple[Tensor, Tensor, Tensor]:
+        """One optimizer step over one batch or several accumulated micro-batches; returns
+        (task losses, present mask, balancer weights), all on the device, without host sync.
+
+        Each micro-batch's loss is replaced by a surrogate ``S_k · N · M / C_k`` (its sum of
+        per-sample losses, times the number of processes N and of micro-batches M, over the
+        global count C_k of labelled samples of the step), and the balancer scales the gradients
+        it writes by ``1/M`` (times the fp16 loss scale): the accumulated, all-reduced gradient is
+        the gradient of the mean loss over every labelled sample of the step.
+        """
+        m = len(batches)
+        counts_per = [
+            torch.stack([t.label_mask(y[t.name]).sum() for t in self.tasks]).to(self.device)
+            for _, y in batches
+        ]
+        total = torch.stack(counts_per).sum(dim=0)
+        if self.dist.reducer is not None:
+            total = self.dist.reducer.sum(total)
+        present = total > 0
+        factor = self.dist.world_size * m
+        scale: Tensor | float = 1.0 / m
+        if self.scaler is not None:
+            scale = self.scaler.scale(torch.ones((), device=self.device)) / m
+        self.balancer.set_grad_scale(scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        logged = torch.zeros(len(self.tasks), device=self.device)
+        weights = torch.zeros(len(self.tasks), device=self.device)
+        for i, (x, y) in enumerate(batches):
+            last = i == m - 1
+            sync = self.dist.enabled and (self.balancer.reduces_own_gradients or not last)
+            with self.train_model.no_sync() if sync else nullcontext():  # type: ignore[operator]
+                out, losses, counts = self._task_losses(x, y)
+                if factor != 1 or self.dist.enabled:
+                    losses = losses * (counts.to(losses.dtype) * factor / total.clamp_min(1))
+                if self._task_weights is not None:
+                    losses = losses * self._task_weights
+                result = self.balancer.backward(
+                    losses,
+                    shared_params=self._shared if self.balancer.needs_shared_params else None,
+                    features=out.features if self.balancer.needs_features else None,
+                    present=present,
+                )
+            logged = logged + losses.detach() / m
+            weights = weights + result.weights.to(weights.dtype) / m
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
-        return losses, present, result.weights.to(losses.dtype)
+        return logged, present, weights
 
     def _validate(self) -> TaskMetrics:
         if self.val_batches is None:

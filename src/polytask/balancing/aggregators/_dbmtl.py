@@ -66,6 +66,9 @@ class DBMTL(GradientAggregator):
         ([1.0, 5.0], [0.3, 0.9])
     """
 
+    grad_ema: Tensor
+    ema_steps: Tensor
+
     def __init__(
         self,
         tasks: Sequence[TaskSpec | str],

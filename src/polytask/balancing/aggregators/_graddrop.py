@@ -98,6 +98,8 @@ class GradDrop(GradientAggregator):
         True
     """
 
+    draws: Tensor
+
     def __init__(
         self,
         tasks: Sequence[TaskSpec | str],

@@ -113,6 +113,9 @@ class GradVac(GradientAggregator):
         [1.5774, 1.5774]
     """
 
+    targets: Tensor
+    draws: Tensor
+
     def __init__(
         self,
         tasks: Sequence[TaskSpec | str],

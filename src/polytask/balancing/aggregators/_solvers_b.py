@@ -91,7 +91,9 @@ def solve_power_bargaining(
     live = diag > ZERO_ROW_TOL * top
     # solve for G / top (w scales by top^{-1/(1+power)} when G scales by 1/top), regularised
     a = (g[np.ix_(live, live)] + reg * np.diag(diag[live])) / top
-    w = _newton(a, power, max_iter=max_iter, tol=tol) * top ** (-1.0 / (1.0 + power))
+    with np.errstate(all="ignore"):  # overflow in hopeless iterates is caught, not printed
+        w = _newton(a, power, max_iter=max_iter, tol=tol)
+    w = w * top ** (-1.0 / (1.0 + power))
     out = np.empty(k)
     out[live] = w
     out[~live] = w.max()

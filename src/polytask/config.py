@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from polytask.balancing import BALANCERS
+from polytask.data.mixing import SAMPLERS, parse_epoch  # several datasets (issue 5)
 from polytask.data.sources import DATASETS
 from polytask.errors import ConfigError
 from polytask.models import ARCHITECTURES, ENCODERS, HEADS
@@ -26,10 +27,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# --- several datasets, one model (issue 5, polytask.data.mixing) ---------------------------
+class DatasetEntry(_Strict):
+    """One dataset of ``data.datasets``: which one, its parameters, the tasks it feeds."""
+
+    dataset: str = Field(description="a registered dataset name (`polytask datasets`)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the dataset's parameters")
+    tasks: list[str] | None = Field(None, description="the tasks it feeds (default: all)")
+    weight: float | None = Field(None, ge=0, description="its share under the `fixed` sampler")
+
+
+class SamplerConfig(_Strict):
+    """How often each dataset of ``data.datasets`` is drawn (``polytask.data.mixing``)."""
+
+    name: str = Field("proportional", description="a registered sampler name")
+    params: dict[str, Any] = Field(default_factory=dict, description="the sampler's parameters")
+
+
+# --- end of several datasets ---------------------------------------------------------------
+
+
 class DataConfig(_Strict):
     """Which dataset, how it is split and batched."""
 
-    dataset: str = Field(description="a registered dataset name (`polytask datasets`)")
+    dataset: str | None = Field(
+        None, description="a registered dataset name (`polytask datasets`); or `datasets`"
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="the dataset's parameters")
     tasks: list[str] | None = Field(None, description="train only these tasks (default: all)")
     val_fraction: float = Field(0.15, ge=0, lt=1)
@@ -37,6 +60,18 @@ class DataConfig(_Strict):
     standardize: bool = True
     batch_size: int = Field(128, gt=0)
     eval_batch_size: int = Field(1024, gt=0)
+    on_device: bool = Field(
+        True, description="keep the in-memory splits on the training device (no copy per batch)"
+    )
+    # several datasets, one model (issue 5): used only with `datasets`
+    datasets: list[DatasetEntry] | None = Field(
+        None, description="one dataset per task or group of tasks, instead of `dataset`"
+    )
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    batch_mode: Literal["single", "mixed"] = Field(
+        "mixed", description="each batch from one dataset, or each sample drawn on its own"
+    )
+    epoch: str = Field("sum", description="'steps:N', 'largest', 'smallest' or 'sum'")
 
 
 class ModelConfig(_Strict):
@@ -122,7 +157,6 @@ def _location(loc: Sequence[int | str]) -> str:
 def _registry_problems(config: RunConfig) -> list[str]:
     data, model, balancing = config.data, config.model, config.balancing
     checks: list[tuple[str, str, Registry[Any], str, Mapping[str, Any]]] = [
-        ("data.dataset", "data.params", DATASETS, data.dataset, data.params),
         ("model.encoder", "model.encoder_params", ENCODERS, model.encoder, model.encoder_params),
         ("model.head", "model.head_params", HEADS, model.head, model.head_params),
         (
@@ -134,6 +168,8 @@ def _registry_problems(config: RunConfig) -> list[str]:
         ),
         ("balancing.method", "balancing.params", BALANCERS, balancing.method, balancing.params),
     ]
+    if data.dataset is not None:  # else data.datasets: see _datasets_problems
+        checks.insert(0, ("data.dataset", "data.params", DATASETS, data.dataset, data.params))
     problems = []
     for field, params_field, registry, name, params in checks:
         if name not in registry:
@@ -141,6 +177,63 @@ def _registry_problems(config: RunConfig) -> list[str]:
             problems.append(f"{field}: unknown {registry.kind} {name!r}; known: {known}")
             continue
         problems += [f"{params_field}: {p}" for p in registry.check_params(name, params)]
+    return problems
+
+
+def _datasets_problems(config: RunConfig) -> list[str]:
+    """Problems with ``data.dataset`` / ``data.datasets`` and the sampler (issue 5)."""
+    data = config.data
+    if data.datasets is None:
+        if data.dataset is None:
+            return ["data.dataset: required (or data.datasets, one dataset per task)"]
+        return []
+    problems = []
+    if data.dataset is not None:
+        problems.append("data: give data.dataset or data.datasets, not both")
+    if data.params:
+        problems.append(
+            "data.params: only with data.dataset; give each entry of data.datasets its own params"
+        )
+    if not data.datasets:
+        problems.append("data.datasets: needs at least one dataset")
+    fixed = data.sampler.name == "fixed"
+    for i, entry in enumerate(data.datasets):
+        field = f"data.datasets.{i}"
+        if entry.dataset not in DATASETS:
+            known = ", ".join(DATASETS.names())
+            problems.append(f"{field}.dataset: unknown dataset {entry.dataset!r}; known: {known}")
+        else:
+            problems += [
+                f"{field}.params: {p}" for p in DATASETS.check_params(entry.dataset, entry.params)
+            ]
+        if entry.tasks is not None and not entry.tasks:
+            problems.append(f"{field}.tasks: empty; leave it out to use every task")
+        if entry.tasks is not None and len(set(entry.tasks)) != len(entry.tasks):
+            problems.append(f"{field}.tasks: a task is listed twice")
+        if fixed and entry.weight is None:
+            problems.append(
+                f"{field}.weight: the fixed sampler needs a weight for {entry.dataset!r}"
+            )
+        if not fixed and entry.weight is not None:
+            problems.append(
+                f"{field}.weight: only used by the fixed sampler "
+                f"(data.sampler.name is {data.sampler.name!r})"
+            )
+    weights = [e.weight for e in data.datasets]
+    if fixed and weights and None not in weights and sum(w or 0.0 for w in weights) <= 0:
+        problems.append("data.datasets: the fixed sampler's weights sum to 0")
+    if data.sampler.name not in SAMPLERS:
+        known = ", ".join(SAMPLERS.names())
+        problems.append(f"data.sampler.name: unknown sampler {data.sampler.name!r}; known: {known}")
+    else:
+        problems += [
+            f"data.sampler.params: {p}"
+            for p in SAMPLERS.check_params(data.sampler.name, data.sampler.params)
+        ]
+    try:
+        parse_epoch(data.epoch)
+    except ConfigError as exc:
+        problems.append(f"data.epoch: {exc}")
     return problems
 
 
@@ -181,7 +274,7 @@ def parse_config(raw: Any, *, source: str = "config") -> RunConfig:
                 msg = "unknown key"
             lines.append(f"{_location(err['loc'])}: {msg}")
         raise ConfigError(_format(source, lines)) from None
-    problems = _registry_problems(config)
+    problems = _registry_problems(config) + _datasets_problems(config)
     if problems:
         raise ConfigError(_format(source, problems))
     return config

@@ -24,6 +24,7 @@ import yaml
 from polytask import __version__
 from polytask.balancing import Balancer, build_balancer
 from polytask.config import RunConfig, config_to_dict, load_config, parse_config
+from polytask.data.mixing import build_datasets_bundle, mixer_from_bundle  # issue 5
 from polytask.data.multilabel import BatchLoader, DataBundle, apply_preprocessors, build_bundle
 from polytask.data.preprocess import Inputs, Preprocessor, preprocessor_from_dict
 from polytask.data.sources import DATASETS
@@ -68,6 +69,15 @@ def write_text_atomic(path: Path, text: str) -> None:
 # ---------------------------------------------------------------------------------- data
 def build_data(config: RunConfig) -> DataBundle:
     """The run's dataset, restricted to ``data.tasks`` when given, split and standardised."""
+    if config.data.datasets is not None:  # several datasets, one model (issue 5)
+        return build_datasets_bundle(
+            [entry.model_dump() for entry in config.data.datasets],
+            seed=config.seed,
+            tasks=config.data.tasks,
+            val_fraction=config.data.val_fraction,
+            test_fraction=config.data.test_fraction,
+            standardize=config.data.standardize,
+        )
     table = DATASETS.get(config.data.dataset)(seed=config.seed, **config.data.params)
     if config.data.tasks is not None:
         known = [t.name for t in table.tasks]
@@ -161,6 +171,12 @@ def train_from_config(
     ctx = init_distributed(config.train.device)
     device = ctx.device
     bundle = build_data(config)
+    if config.data.on_device and device.type != "cpu":
+        bundle.train, bundle.val, bundle.test = (
+            bundle.train.to(device),
+            bundle.val.to(device),
+            bundle.test.to(device),
+        )
     tasks = bundle.tasks
     problem = monitor_problem(tasks, config.train.early_stopping.metric)
     if problem:
@@ -194,6 +210,19 @@ def train_from_config(
         rank=ctx.rank,
         world_size=ctx.world_size,
     )
+    if config.data.datasets is not None:  # several datasets (issue 5): drawn by the sampler
+        train_batches = mixer_from_bundle(  # type: ignore[assignment]
+            bundle,
+            config.data.batch_size,
+            sampler=config.data.sampler.name,
+            sampler_params=config.data.sampler.params,
+            batch_mode=config.data.batch_mode,
+            epoch=config.data.epoch,
+            total_epochs=config.train.epochs,
+            seed=config.seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
     steps_per_epoch = -(-len(train_batches) // config.train.accumulate_steps)
     scheduler = build_scheduler(
         optimizer,

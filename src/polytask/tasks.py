@@ -50,7 +50,14 @@ DEFAULT_LOSS: dict[str, str] = {
 }
 #: metric name → higher is better, per kind (the first ones are the defaults)
 METRICS: dict[str, dict[str, bool]] = {
-    "binary": {"accuracy": True, "auroc": True, "f1": True, "precision": True, "recall": True},
+    "binary": {
+        "accuracy": True,
+        "auroc": True,
+        "f1": True,
+        "precision": True,
+        "recall": True,
+        "log_loss": False,
+    },
     "multiclass": {
         "accuracy": True,
         "macro_f1": True,
@@ -186,13 +193,25 @@ class TaskSpec:
             return torch.isfinite(target)
         return torch.isfinite(target) & (target >= 0)
 
+    def _scale(self, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """(mean, std) of the regression targets: Python floats for one output (no host-to-
+        device copy), else tensors cached per device and dtype."""
+        assert self.target_mean is not None and self.target_std is not None
+        if like.dim() == 1:
+            return self.target_mean[0], self.target_std[0]
+        cache: dict[Any, tuple[Tensor, Tensor]] = self.__dict__.setdefault("_scale_cache", {})
+        key = (like.device, like.dtype)
+        if key not in cache:
+            cache[key] = (
+                torch.tensor(self.target_mean, dtype=like.dtype, device=like.device),
+                torch.tensor(self.target_std, dtype=like.dtype, device=like.device),
+            )
+        return cache[key]
+
     def _standardise(self, target: Tensor) -> Tensor:
         if self.target_mean is None or self.target_std is None:
             return target
-        mean = torch.tensor(self.target_mean, dtype=target.dtype, device=target.device)
-        std = torch.tensor(self.target_std, dtype=target.dtype, device=target.device)
-        if target.dim() == 1:
-            mean, std = mean[0], std[0]
+        mean, std = self._scale(target)
         return (target - mean) / std
 
     def compute_loss(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -203,11 +222,15 @@ class TaskSpec:
         """
         mask = self.label_mask(target)
         count = mask.sum()
-        if self.kind == "multiclass":
-            per = F.cross_entropy(output, target.clamp_min(0), reduction="none")
-        elif self.kind in ("binary", "multilabel"):
+        if self.kind == "multiclass":  # one fused kernel: unlabelled (-1) rows are ignored
+            total = F.cross_entropy(output, target, ignore_index=-1, reduction="sum")
+            return total / count.clamp_min(1).to(total.dtype), count
+        if self.kind in ("binary", "multilabel"):
             clean = torch.where(mask, target, torch.zeros_like(target))
-            per = F.binary_cross_entropy_with_logits(output, clean, reduction="none")
+            total = F.binary_cross_entropy_with_logits(
+                output, clean, weight=mask.to(output.dtype), reduction="sum"
+            )
+            return total / count.clamp_min(1).to(total.dtype), count
         else:
             clean = torch.where(mask, self._standardise(target), torch.zeros_like(target))
             if self.loss_name == "mse":
@@ -229,10 +252,7 @@ class TaskSpec:
             return output.sigmoid()
         if self.target_mean is None or self.target_std is None:
             return output
-        mean = torch.tensor(self.target_mean, dtype=output.dtype, device=output.device)
-        std = torch.tensor(self.target_std, dtype=output.dtype, device=output.device)
-        if output.dim() == 1:
-            mean, std = mean[0], std[0]
+        mean, std = self._scale(output)
         return output * std + mean
 
     # ----------------------------------------------------------------- metrics
@@ -261,6 +281,47 @@ class TaskSpec:
         metrics.update(prediction, clean)
 
 
+class BinaryLogLoss(Metric):
+    """Mean binary cross-entropy ``-[y log p + (1 - y) log(1 - p)]`` over labelled samples, from
+    probabilities ``p`` (clipped to ``[eps, 1 - eps]``) and 0/1 targets (``ignore_index`` or any
+    negative value = unlabelled). Lower is better; the sums are added across processes.
+
+    Example:
+        >>> metric = BinaryLogLoss()
+        >>> metric.update(torch.tensor([0.5, 0.9, 0.3]), torch.tensor([1, 1, -1]))
+        >>> round(float(metric.compute()), 4)  # (ln 2 + ln(1/0.9)) / 2
+        0.3993
+    """
+
+    higher_is_better = False
+    is_differentiable = False
+    full_state_update = False
+
+    sum_loss: Tensor
+    count: Tensor
+
+    def __init__(self, *, ignore_index: int = -1, eps: float = 1e-7, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ignore_index = ignore_index
+        self.eps = eps
+        self.add_state("sum_loss", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        p = preds.reshape(-1).double().clamp(self.eps, 1.0 - self.eps)
+        y = target.reshape(-1)
+        mask = (y >= 0) & (y != self.ignore_index)
+        y = y.double()
+        per = -(y * torch.log(p) + (1.0 - y) * torch.log1p(-p))
+        self.sum_loss += torch.where(mask, per, torch.zeros_like(per)).sum()
+        self.count += mask.sum()
+
+    def compute(self) -> Tensor:
+        if self.count == 0:  # nothing labelled: no value rather than a perfect 0
+            return torch.tensor(math.nan, dtype=torch.float64, device=self.sum_loss.device)
+        return self.sum_loss / self.count
+
+
 def _build_metric(kind: str, name: str, n: int) -> Metric:
     if kind == "regression":
         if name == "rmse":
@@ -275,6 +336,7 @@ def _build_metric(kind: str, name: str, n: int) -> Metric:
             "f1": classification.BinaryF1Score,
             "precision": classification.BinaryPrecision,
             "recall": classification.BinaryRecall,
+            "log_loss": BinaryLogLoss,
         }[name]
         return cls(ignore_index=-1)  # type: ignore[no-any-return]
     if kind == "multiclass":

@@ -159,7 +159,8 @@ class LossWeighting(Balancer):
             present = torch.ones_like(vector, dtype=torch.bool)
         if self.reducer is None:
             total, weights = self.combine(vector, present)
-            (total * self.grad_scale).backward()
+            scale = self.grad_scale
+            (total if isinstance(scale, float) and scale == 1.0 else total * scale).backward()
             return BalanceResult(weights=weights.detach(), loss=total.detach())
         return self._distributed_backward(vector, present)
 

@@ -23,6 +23,7 @@ from polytask.data.preprocess import (
     Preprocessor,
     Standardizer,
     input_spec,
+    inputs_to,
     num_rows,
     take_inputs,
 )
@@ -137,6 +138,18 @@ class MultiLabelDataset(Dataset[tuple[Inputs, dict[str, Tensor]]]):
     def take(self, index: Tensor) -> Batch:
         """A batch of the rows in ``index`` (one gather per tensor)."""
         return take_inputs(self.inputs, index), {t: y[index] for t, y in self.targets.items()}
+
+    @property
+    def device(self) -> torch.device:
+        first = self.inputs if isinstance(self.inputs, Tensor) else next(iter(self.inputs.values()))
+        return first.device
+
+    def to(self, device: torch.device | str) -> MultiLabelDataset:
+        """The same dataset with every tensor on ``device`` (in-memory data trains fastest when
+        it lives where the model does)."""
+        return MultiLabelDataset(
+            inputs_to(self.inputs, device), {t: y.to(device) for t, y in self.targets.items()}
+        )
 
     def select_tasks(self, names: Sequence[str]) -> MultiLabelDataset:
         """The same samples with only the labels of ``names``."""
@@ -339,6 +352,7 @@ class BatchLoader:
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
+        order = order.to(self.dataset.device)  # one copy per epoch, not one per batch
         size = self.batch_size * self.world_size
         for i in range(len(self)):
             batch = order[i * size : (i + 1) * size]

@@ -201,6 +201,13 @@ class Trainer:
             self.train_model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        if compile and (balancer.needs_shared_params or balancer.needs_features):
+            self.console.print(
+                "[yellow]warning:[/] torch.compile is not used with "
+                f"{type(balancer).__name__}: its per-task backward (vmap over the autograd "
+                "graph) does not run through compiled graphs; training eagerly"
+            )
+            compile = False
         self._compiled: Any = torch.compile(self.train_model) if compile else None
         self._shared = model.shared_parameters()
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -300,6 +307,9 @@ class Trainer:
                         "best_epoch": self.early_stopping.best_epoch,
                     },
                 }
+                seen = getattr(self.train_batches, "seen_counts", None)
+                if callable(seen):  # labelled samples per task drawn this epoch (issue 5)
+                    record["seen"] = seen()
                 if log is not None:
                     log.append(record)
                 self._save(improved)
@@ -394,7 +404,10 @@ class Trainer:
         return self.train_model(x)
 
     def _task_losses(self, x: Any, y: Mapping[str, Tensor]) -> tuple[Any, Tensor, Tensor]:
-        with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._amp):
+        amp = (
+            torch.autocast(self.device.type, dtype=self._amp_dtype) if self._amp else nullcontext()
+        )
+        with amp:
             out = self._forward(inputs_to(x, self.device))
             pairs = [
                 t.compute_loss(
@@ -417,15 +430,18 @@ class Trainer:
         the gradient of the mean loss over every labelled sample of the step.
         """
         m = len(batches)
-        counts_per = [
-            torch.stack([t.label_mask(y[t.name]).sum() for t in self.tasks]).to(self.device)
-            for _, y in batches
-        ]
-        total = torch.stack(counts_per).sum(dim=0)
-        if self.dist.reducer is not None:
-            total = self.dist.reducer.sum(total)
-        present = total > 0
         factor = self.dist.world_size * m
+        total: Tensor | None = None
+        present: Tensor | None = None
+        if factor != 1:  # the step's global label counts, known before the first backward
+            counts_per = [
+                torch.stack([t.label_mask(y[t.name]).sum() for t in self.tasks]).to(self.device)
+                for _, y in batches
+            ]
+            total = torch.stack(counts_per).sum(dim=0)
+            if self.dist.reducer is not None:
+                total = self.dist.reducer.sum(total)
+            present = total > 0
         scale: Tensor | float = 1.0 / m
         if self.scaler is not None:
             scale = self.scaler.scale(torch.ones((), device=self.device)) / m
@@ -438,8 +454,10 @@ class Trainer:
             sync = self.dist.enabled and (self.balancer.reduces_own_gradients or not last)
             with self.train_model.no_sync() if sync else nullcontext():  # type: ignore[operator]
                 out, losses, counts = self._task_losses(x, y)
-                if factor != 1 or self.dist.enabled:
+                if total is not None:
                     losses = losses * (counts.to(losses.dtype) * factor / total.clamp_min(1))
+                else:  # one process, one batch: the batch's own counts
+                    present = counts > 0
                 if self._task_weights is not None:
                     losses = losses * self._task_weights
                 result = self.balancer.backward(
@@ -448,8 +466,11 @@ class Trainer:
                     features=out.features if self.balancer.needs_features else None,
                     present=present,
                 )
-            logged = logged + losses.detach() / m
-            weights = weights + result.weights.to(weights.dtype) / m
+            if m == 1:
+                logged, weights = losses.detach(), result.weights.to(weights.dtype)
+            else:
+                logged = logged + losses.detach() / m
+                weights = weights + result.weights.to(weights.dtype) / m
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.grad_clip is not None:
@@ -462,6 +483,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
+        assert present is not None
         return logged, present, weights
 
     def _validate(self) -> TaskMetrics:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from polytask.balancing.base import Balancer, BalanceResult, stack_losses
 from polytask.balancing.jacobian import flatten_jacobian, gramian, task_jacobian
+from polytask.balancing.reduce import Reducer
 from polytask.errors import ConfigError
 from polytask.tasks import TaskSpec
 
@@ -157,6 +158,15 @@ class GradientAggregator(Balancer):
         for p in params:
             if p.grad is not None and p.requires_grad:
                 self.reducer.mean_(p.grad)
+
+    def distribute(self, reducer: Reducer | None) -> None:
+        if reducer is not None and self.level == "features":
+            raise ConfigError(
+                f"{type(self).__name__}(level='features') is not supported under data "
+                "parallelism: each process holds the feature gradients of different samples; "
+                "use level='parameters'"
+            )
+        super().distribute(reducer)
 
     def _shared_inputs(
         self, shared_params: Sequence[Tensor] | None, features: Tensor | None

@@ -447,8 +447,8 @@ class Trainer:
             scale = self.scaler.scale(torch.ones((), device=self.device)) / m
         self.balancer.set_grad_scale(scale)
         self.optimizer.zero_grad(set_to_none=True)
-        logged = torch.zeros(len(self.tasks), device=self.device)
-        weights = torch.zeros(len(self.tasks), device=self.device)
+        logged: Tensor | float = 0.0
+        weights: Tensor | float = 0.0
         for i, (x, y) in enumerate(batches):
             last = i == m - 1
             sync = self.dist.enabled and (self.balancer.reduces_own_gradients or not last)
@@ -467,10 +467,10 @@ class Trainer:
                     present=present,
                 )
             if m == 1:
-                logged, weights = losses.detach(), result.weights.to(weights.dtype)
+                logged, weights = losses.detach(), result.weights.to(losses.dtype)
             else:
                 logged = logged + losses.detach() / m
-                weights = weights + result.weights.to(weights.dtype) / m
+                weights = weights + result.weights.to(losses.dtype) / m
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.grad_clip is not None:
@@ -483,7 +483,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
-        assert present is not None
+        assert present is not None and isinstance(logged, Tensor) and isinstance(weights, Tensor)
         return logged, present, weights
 
     def _validate(self) -> TaskMetrics:

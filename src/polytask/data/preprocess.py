@@ -50,7 +50,8 @@ def num_rows(inputs: Inputs) -> int:
 
 
 class Preprocessor(Protocol):
-    """Fitted on training rows; turns raw values into a tensor; saved as JSON."""
+    """Fitted on training rows; turns raw values into a tensor; saved as JSON. Optionally,
+    ``spec() -> dict`` describes the output for encoders (merged by ``input_spec``)."""
 
     kind: ClassVar[str]
 
@@ -170,7 +171,16 @@ def preprocessor_from_dict(d: dict[str, Any]) -> Preprocessor:
 
 def input_spec(inputs: Inputs, preprocessors: dict[str, Preprocessor]) -> Any:
     """What an encoder needs to know of its input: the per-sample shape of a tensor, or per key
-    of a dict the shape (and, for categorical codes, the ``cardinalities``)."""
+    of a dict the shape (and, for categorical codes, the ``cardinalities``).
+
+    A preprocessor may describe its output further with an optional ``spec() -> dict`` method
+    (JSON values only; a text tokenizer gives its ``vocab_size``, an audio block its
+    ``sample_rate``): its entries are merged into the block's entry.
+
+    Example:
+        >>> input_spec({"x": torch.zeros(2, 3)}, {})
+        {'x': {'shape': [3]}}
+    """
     if not isinstance(inputs, dict):
         return tuple(int(s) for s in inputs.shape[1:])
     spec: dict[str, Any] = {}
@@ -180,5 +190,8 @@ def input_spec(inputs: Inputs, preprocessors: dict[str, Preprocessor]) -> Any:
         if isinstance(pre, CategoryVocabulary):
             entry["cardinalities"] = pre.cardinalities
             entry["columns"] = pre.columns
+        describe = getattr(pre, "spec", None)
+        if callable(describe):
+            entry.update(describe())
         spec[key] = entry
     return spec

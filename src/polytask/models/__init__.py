@@ -1,5 +1,6 @@
 """nn.Modules only: encoders, task heads and multi-task architectures, each found by name."""
 
+from polytask.models import audio, fusion, text  # noqa: F401  (register modality encoders)
 from polytask.models.architectures import (
     ARCHITECTURES,
     HardSharing,
@@ -13,6 +14,7 @@ from polytask.models.esmm import ESMM, ctcvr_logit
 from polytask.models.experts import CGC, GATES, PLE, DSelectKGate, MMoE
 from polytask.models.heads import HEADS, TaskHead
 from polytask.models.mtan import MTAN
+from polytask.models.tabular import TabularEncoder
 
 __all__ = [
     "ARCHITECTURES",
@@ -32,6 +34,7 @@ __all__ = [
     "MultiTaskModel",
     "MultiTaskOutput",
     "ResNetEncoder",
+    "TabularEncoder",
     "TaskHead",
     "build_model",
     "ctcvr_logit",

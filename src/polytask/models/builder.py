@@ -15,7 +15,7 @@ from polytask.tasks import TaskSpec
 
 def build_model(
     tasks: Sequence[TaskSpec],
-    input_shape: Sequence[int],
+    input_shape: Sequence[int] | Mapping[str, Any],
     *,
     encoder: str = "mlp",
     encoder_params: Mapping[str, Any] | None = None,
@@ -36,8 +36,11 @@ def build_model(
     enc_kw = dict(encoder_params or {})
     head_kw = dict(head_params or {})
 
+    # a dict input's spec (``preprocess.input_spec``) goes to the encoder as it is
+    shape = input_shape if isinstance(input_shape, Mapping) else tuple(input_shape)
+
     def make_encoder() -> nn.Module:
-        return make_encoder_cls(tuple(input_shape), **enc_kw)  # type: ignore[no-any-return]
+        return make_encoder_cls(shape, **enc_kw)  # type: ignore[no-any-return]
 
     def make_head(task: TaskSpec, width: int) -> nn.Module:
         return make_head_fn(width, task, **head_kw)  # type: ignore[no-any-return]

@@ -8,7 +8,11 @@ gate-weighted sum of the expert outputs. Gates are registered in ``GATES`` by na
 to the objective (it only touches gate parameters).
 
 The gates read the flattened input; its width is found on the first expert (the image shape of a
-cnn/resnet encoder, the first linear layer of an mlp) or given as ``input_features``.
+cnn/resnet encoder, the first linear layer of an mlp, ``in_features`` where an encoder declares
+it) or given as ``input_features``. A dict input (e.g. ``{"numeric", "categorical"}`` for the
+``tabular`` encoder) has no flat form: the gates read an expert's ``embed(x)`` instead (MMoE: the
+first expert; CGC/PLE: the first shared expert of the level), with the gradient stopped — the
+embedding tables are trained by the experts, the gates only read them.
 
 ``features`` is built with ``join_features`` so that it is a *cut* of the autograd graph: every
 path from a shared parameter to a task's loss passes through it, and no task parameter lies below
@@ -76,8 +80,23 @@ def join_features(tensors: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
     return flat, views
 
 
-def _gate_input(x: Tensor) -> Tensor:
-    """What a gate reads: the flattened input, as floats (inputs may be integer ids)."""
+def _gate_input(x: Tensor | Mapping[str, Tensor], embedder: nn.Module | None = None) -> Tensor:
+    """What a gate reads: the flattened input, as floats (inputs may be integer ids).
+
+    A dict input (named blocks, e.g. numeric features and categorical codes) has no flat form:
+    the gate reads ``embedder.embed(x)`` (an encoder with an ``embed`` method, such as the
+    ``tabular`` encoder: its input layer with the categorical embeddings) with the gradient
+    stopped, so the gates stay task parameters and ``features`` stays a cut of the graph."""
+    if isinstance(x, Mapping):
+        embed = getattr(embedder, "embed", None)
+        if embed is None:
+            name = type(embedder).__name__ if embedder is not None else "None"
+            raise ConfigError(
+                f"the gates of expert models read a flat input; for dict inputs "
+                f"({', '.join(x)}) the encoder needs an embed(x) method (e.g. the 'tabular' "
+                f"encoder), found {name}"
+            )
+        return cast(Tensor, embed(x)).detach()
     flat = x.flatten(1)
     return flat if flat.is_floating_point() else flat.to(torch.get_default_dtype())
 
@@ -352,7 +371,7 @@ class MMoE(MultiTaskModel):
 
     def forward(self, x: Tensor) -> MultiTaskOutput:
         features, (experts,) = join_features([torch.stack([e(x) for e in self.experts], dim=1)])
-        flat = _gate_input(x)
+        flat = _gate_input(x, self.experts[0])
         outputs: dict[str, Tensor] = {}
         gates: dict[str, Tensor] = {}
         penalties: list[Tensor] = []
@@ -409,7 +428,7 @@ class _ExtractionLevel(nn.Module):
         self, name: str, gate_input: Tensor, own: Tensor, shared: Tensor
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """(task ``name``'s output, its gate weights, gate penalty)."""
-        weights, penalty = self.task_gates[name](_gate_input(gate_input))
+        weights, penalty = self.task_gates[name](_gate_input(gate_input, self.shared_experts[0]))
         return _mix(torch.cat([own, shared], dim=1), weights), weights, penalty
 
     def mix_shared(
@@ -417,7 +436,7 @@ class _ExtractionLevel(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """(the shared path's output, the shared gate's weights, gate penalty)."""
         assert self.shared_gate is not None
-        weights, penalty = self.shared_gate(_gate_input(gate_input))
+        weights, penalty = self.shared_gate(_gate_input(gate_input, self.shared_experts[0]))
         every = torch.cat([*own.values(), shared], dim=1)
         return _mix(every, weights), weights, penalty
 

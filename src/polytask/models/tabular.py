@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,13 @@ from torch import Tensor, nn
 from polytask.errors import ConfigError
 from polytask.models.encoders import ENCODERS, mlp_layers
 
-__all__ = ["TabularEncoder", "auto_embedding_dim", "cross_index"]
+__all__ = [
+    "TabularEncoder",
+    "TabularInput",
+    "auto_embedding_dim",
+    "cross_index",
+    "cross_table_size",
+]
 
 #: multiplier of the hash that maps a tuple of codes to a cross bucket (a large prime)
 _HASH_PRIME = 1_000_003
@@ -63,6 +69,11 @@ def cross_index(codes: Tensor, cardinalities: Sequence[int], buckets: int) -> Te
     return index % buckets
 
 
+def cross_table_size(cardinalities: Sequence[int], buckets: int) -> int:
+    """Rows of a cross's embedding table: its number of combinations, at most ``buckets``."""
+    return min(math.prod(int(c) for c in cardinalities), buckets)
+
+
 def _parse_spec(input_shape: Any) -> tuple[int, list[int], list[str]]:
     """(number of numeric features, cardinalities, categorical column names) of an input spec."""
     if not isinstance(input_shape, Mapping):
@@ -102,8 +113,73 @@ def _embedding_width(value: int | str, cardinality: int, owner: str) -> int:
     if value == "auto":
         return auto_embedding_dim(cardinality)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{owner}: embedding width must be 'auto' or an integer >= 1, found {value!r}")
+        raise ConfigError(
+            f"{owner}: embedding width must be 'auto' or an integer >= 1, found {value!r}"
+        )
     return value
+
+
+class TabularInput(nn.Module):
+    """The input layer of the ``tabular`` encoder: ``x -> [B, out_features]``, the numeric
+    features, then one embedding per categorical column, then one per cross (see
+    ``TabularEncoder``)."""
+
+    cardinalities_tensor: Tensor
+
+    def __init__(
+        self,
+        *,
+        num_numeric: int,
+        cardinalities: Sequence[int],
+        widths: Sequence[int],
+        crosses: Sequence[Sequence[int]],
+        cross_widths: Sequence[int],
+        cross_buckets: int,
+    ) -> None:
+        super().__init__()
+        self.num_numeric = num_numeric
+        self.cardinalities = [int(c) for c in cardinalities]
+        self.register_buffer(
+            "cardinalities_tensor",
+            torch.tensor(self.cardinalities, dtype=torch.int64),
+            persistent=False,
+        )
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(card, width) for card, width in zip(cardinalities, widths, strict=True)
+        )
+        self.crosses = [list(c) for c in crosses]
+        self.cross_buckets = cross_buckets
+        sizes = [
+            cross_table_size([self.cardinalities[j] for j in c], cross_buckets) for c in crosses
+        ]
+        self.cross_embeddings = nn.ModuleList(
+            nn.Embedding(size, width) for size, width in zip(sizes, cross_widths, strict=True)
+        )
+        self.out_features = num_numeric + sum(widths) + sum(cross_widths)
+
+    def forward(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
+        if isinstance(x, Mapping):
+            numeric, codes = x.get("numeric"), x.get("categorical")
+        else:
+            numeric, codes = x, None
+        parts: list[Tensor] = []
+        if self.num_numeric:
+            if numeric is None:
+                raise ConfigError("tabular encoder: the input has no 'numeric' block")
+            flat = numeric.flatten(1)
+            parts.append(flat if flat.is_floating_point() else flat.float())
+        if self.cardinalities:
+            if codes is None:
+                raise ConfigError("tabular encoder: the input has no 'categorical' block")
+            codes = codes.long()
+            codes = torch.where(
+                (codes >= 0) & (codes < self.cardinalities_tensor), codes, torch.zeros_like(codes)
+            )
+            parts += [table(codes[:, j]) for j, table in enumerate(self.embeddings)]
+            for cols, table in zip(self.crosses, self.cross_embeddings, strict=True):
+                cards = [self.cardinalities[j] for j in cols]
+                parts.append(table(cross_index(codes[:, cols], cards, self.cross_buckets)))
+        return torch.cat(parts, dim=1)
 
 
 @ENCODERS.register(
@@ -126,8 +202,10 @@ class TabularEncoder(nn.Module):
       ``dropout``, ``activation`` and ``batch_norm`` as in the ``mlp`` encoder.
 
     ``embed(x)`` returns the concatenated input layer ``[B, in_features]`` (numeric features,
-    then column embeddings, then cross embeddings) — what the MLP reads and what the gates of
-    expert models (``mmoe``, ``cgc``, ``ple``) read for dict inputs.
+    then column embeddings, then cross embeddings; the ``input_layer`` module) — what the MLP
+    reads and what the gates of expert models (``mmoe``, ``cgc``, ``ple``) read for dict inputs.
+    ``stages()`` splits the encoder into the input layer with the first MLP block, then one
+    stage per further block (for layered architectures such as cross-stitch).
 
     Example:
         >>> spec = {"numeric": {"shape": [2]},
@@ -136,12 +214,10 @@ class TabularEncoder(nn.Module):
         >>> enc = TabularEncoder(spec, hidden=[8], crosses=[["city", "device"]])
         >>> x = {"numeric": torch.randn(5, 2), "categorical": torch.randint(0, 3, (5, 2))}
         >>> enc(x).shape, enc.embed(x).shape, enc.in_features
-        (torch.Size([5, 8]), torch.Size([5, 13]), 13)
+        (torch.Size([5, 8]), torch.Size([5, 14]), 14)
     """
 
     __provided__ = ("input_shape",)
-
-    cardinalities_tensor: Tensor
 
     def __init__(
         self,
@@ -193,70 +269,51 @@ class TabularEncoder(nn.Module):
         if num_numeric == 0 and not cardinalities:
             raise ConfigError(f"{owner}: the input has neither numeric nor categorical features")
 
-        self.num_numeric = num_numeric
-        self.columns = columns
-        self.cardinalities = cardinalities
-        self.register_buffer(
-            "cardinalities_tensor", torch.tensor(cardinalities, dtype=torch.int64), persistent=False
-        )
-        self.embeddings = nn.ModuleList(
-            nn.Embedding(
-                card, _embedding_width(per_column.get(name, embedding_dim), card, owner)
-            )
+        widths = [
+            _embedding_width(per_column.get(name, embedding_dim), card, owner)
             for name, card in zip(columns, cardinalities, strict=True)
-        )
-        self.cross_columns = cross_columns
-        sizes = [
-            min(math.prod(cardinalities[j] for j in cols), cross_buckets) for cols in cross_columns
         ]
-        self.cross_buckets = cross_buckets
-        self.cross_embeddings = nn.ModuleList(
-            nn.Embedding(size, _embedding_width(cross_dim, size, owner)) for size in sizes
+        sizes = [
+            cross_table_size([cardinalities[j] for j in c], cross_buckets) for c in cross_columns
+        ]
+        self.columns = columns
+        self.input_layer = TabularInput(
+            num_numeric=num_numeric,
+            cardinalities=cardinalities,
+            widths=widths,
+            crosses=cross_columns,
+            cross_widths=[_embedding_width(cross_dim, size, owner) for size in sizes],
+            cross_buckets=cross_buckets,
         )
-        self.in_features = (
-            num_numeric
-            + sum(e.embedding_dim for e in self.embeddings)
-            + sum(e.embedding_dim for e in self.cross_embeddings)
-        )
-        self.body = mlp_layers(
-            self.in_features,
-            [int(h) for h in hidden],
-            dropout=dropout,
-            activation_name=activation,
-            batch_norm=batch_norm,
-        )
-        self.out_features = int(hidden[-1]) if hidden else self.in_features
-
-    def _split(self, x: Tensor | Mapping[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
-        if isinstance(x, Mapping):
-            numeric, codes = x.get("numeric"), x.get("categorical")
-        else:
-            numeric, codes = x, None
-        if self.num_numeric and numeric is None:
-            raise ConfigError("tabular encoder: the input has no 'numeric' block")
-        if self.cardinalities and codes is None:
-            raise ConfigError("tabular encoder: the input has no 'categorical' block")
-        return numeric, codes
+        self.in_features = self.input_layer.out_features
+        blocks: list[nn.Module] = []
+        width = self.in_features
+        for h in hidden:
+            blocks.append(
+                mlp_layers(
+                    width,
+                    [int(h)],
+                    dropout=dropout,
+                    activation_name=activation,
+                    batch_norm=batch_norm,
+                )
+            )
+            width = int(h)
+        self.body = nn.Sequential(*blocks)
+        self.out_features = width
 
     def embed(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
         """The input layer ``[B, in_features]``: numeric features, column embeddings, cross
         embeddings."""
-        numeric, codes = self._split(x)
-        parts: list[Tensor] = []
-        if self.num_numeric:
-            assert numeric is not None
-            parts.append(numeric.flatten(1).to(torch.get_default_dtype()))
-        if self.cardinalities:
-            assert codes is not None
-            codes = codes.long()
-            codes = torch.where(
-                (codes >= 0) & (codes < self.cardinalities_tensor), codes, torch.zeros_like(codes)
-            )
-            parts += [table(codes[:, j]) for j, table in enumerate(self.embeddings)]
-            for cols, table in zip(self.cross_columns, self.cross_embeddings, strict=True):
-                cards = [self.cardinalities[j] for j in cols]
-                parts.append(table(cross_index(codes[:, cols], cards, self.cross_buckets)))
-        return torch.cat(parts, dim=1)
+        return cast(Tensor, self.input_layer(x))
+
+    def stages(self) -> list[nn.Module]:
+        """Consecutive stages whose composition is ``forward``: the input layer with the first
+        MLP block, then each further block (the encoder's own modules, not copies)."""
+        blocks = list(self.body)
+        if not blocks:
+            return [self.input_layer]
+        return [nn.Sequential(self.input_layer, blocks[0]), *blocks[1:]]
 
     def forward(self, x: Tensor | Mapping[str, Tensor]) -> Tensor:
-        return self.body(self.embed(x))
+        return cast(Tensor, self.body(self.input_layer(x)))

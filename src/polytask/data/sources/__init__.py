@@ -20,6 +20,6 @@ from polytask.registry import Registry
 DATASETS: Registry[Callable[..., MultiLabelTable]] = Registry("dataset")
 
 # the modules register their builders on import
-from polytask.data.sources import digits, file, river_data, synthetic  # noqa: E402
+from polytask.data.sources import digits, file, modalities, recsys, river_data, synthetic  # noqa: E402
 
-__all__ = ["DATASETS", "digits", "file", "river_data", "synthetic"]
+__all__ = ["DATASETS", "digits", "file", "modalities", "recsys", "river_data", "synthetic"]

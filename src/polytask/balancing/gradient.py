@@ -63,6 +63,9 @@ class GradientAggregator(Balancer):
     linear_in_jacobian: ClassVar[bool] = False
     #: under DDP, gradients are reduced by the method itself (run its backward in ``no_sync``)
     reduces_own_gradients: ClassVar[bool] = True
+    #: clip the shared gradient to this norm on steps that reuse weights (0 = off); methods
+    #: whose authors clip (Nash-MTL, FairGrad) set it
+    max_norm: float = 0.0
     supports_grad_scale: ClassVar[bool] = True
     last_weights: Tensor
     steps: Tensor
@@ -88,12 +91,14 @@ class GradientAggregator(Balancer):
         self.update_every = update_every
         self.needs_shared_params = level == "parameters"  # type: ignore[misc]
         self.needs_features = level == "features"  # type: ignore[misc]
+        self._rows: Tensor | None = None
         self.register_buffer("last_weights", torch.ones(self.num_tasks))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         """(update ``[P]``, weights ``[K]``) from the Jacobian ``[K, P]`` of the present tasks
-        and their losses ``[K]``."""
+        and their losses ``[K]``. During ``backward``, ``self._rows`` holds the task index of
+        each row when some tasks are absent (``None``: the rows are all tasks, in order)."""
         raise NotImplementedError
 
     def backward(
@@ -116,6 +121,8 @@ class GradientAggregator(Balancer):
             (total * self.grad_scale).backward()
             if self.reducer is not None:
                 self._reduce_grads([*shared, *self._task_params(shared, vector)])
+            if self.max_norm > 0 and self.level == "parameters":
+                torch.nn.utils.clip_grad_norm_(shared, self.max_norm * self.grad_scale)
             return BalanceResult(weights=weights.detach(), loss=total.detach())
 
         keep = None if present is None or bool(present.all()) else present.nonzero().squeeze(1)
@@ -143,7 +150,11 @@ class GradientAggregator(Balancer):
         if self.reducer is not None:  # the global Jacobian and losses, identical everywhere
             jacobian = self.reducer.mean_(jacobian)
             values = self.reducer.mean(values)
-        update, weights = self.aggregate(jacobian, values)
+        self._rows = keep  # the task index of each Jacobian row, for methods with per-task state
+        try:
+            update, weights = self.aggregate(jacobian, values)
+        finally:
+            self._rows = None
         if keep is None:
             weights_full = weights.to(vector.dtype)
         else:

@@ -60,7 +60,7 @@ class UncertaintyWeighting(LossWeighting):
     Example:
         >>> u = UncertaintyWeighting([TaskSpec("r", "regression"), TaskSpec("c", "binary")])
         >>> total, w = u.combine(torch.tensor([2.0, 1.0]), torch.tensor([True, True]))
-        >>> float(total), w.tolist()   # 0.5*1*2 + 0 + 1*1*1 + 0 at s = 0
+        >>> float(total.detach()), w.tolist()   # 0.5*1*2 + 0 + 1*1*1 + 0 at s = 0
         (2.0, [0.5, 1.0])
     """
 

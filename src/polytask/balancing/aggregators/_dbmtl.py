@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from polytask.balancing.aggregators._solvers_b import present_rows
-from polytask.balancing.base import BALANCERS, BalanceResult
+from polytask.balancing.base import BALANCERS
 from polytask.balancing.gradient import GradientAggregator, Level
 from polytask.errors import ConfigError
 from polytask.tasks import TaskSpec
@@ -92,7 +92,6 @@ class DBMTL(GradientAggregator):
         self.beta_sigma = float(beta_sigma)
         self.register_buffer("grad_ema", torch.zeros(self.num_tasks, 0))
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
-        self._rows: Tensor | None = None
 
     def aggregate(
         self, jacobian: Tensor, losses: Tensor, *, rows: Tensor | None = None
@@ -120,22 +119,6 @@ class DBMTL(GradientAggregator):
         factors = torch.where(norms > 0, top / norms.clamp_min(floor), torch.zeros_like(norms))
         factors = torch.where(top > 0, factors, torch.ones_like(factors)).to(jacobian.dtype)
         return factors @ rows_ema, factors
-
-    def backward(
-        self,
-        losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor,
-        *,
-        shared_params: Sequence[Tensor] | None = None,
-        features: Tensor | None = None,
-        present: Tensor | None = None,
-    ) -> BalanceResult:
-        self._rows = None if present is None else present.reshape(-1).nonzero().squeeze(1)
-        try:
-            return super().backward(
-                losses, shared_params=shared_params, features=features, present=present
-            )
-        finally:
-            self._rows = None
 
     def _load_from_state_dict(
         self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any

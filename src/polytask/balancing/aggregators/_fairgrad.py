@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from polytask.balancing.aggregators._solvers_b import clip_weights, solve_power_bargaining
-from polytask.balancing.base import BALANCERS, BalanceResult
+from polytask.balancing.base import BALANCERS
 from polytask.balancing.gradient import GramianWeightingAggregator, Level
 from polytask.errors import ConfigError
 from polytask.tasks import TaskSpec
@@ -83,19 +83,3 @@ class FairGrad(GramianWeightingAggregator):
         w = torch.from_numpy(solve_power_bargaining(g, 1.0 / self.alpha))
         w = clip_weights(w, g, self.max_norm)
         return w.to(device=gramian.device, dtype=gramian.dtype)
-
-    def backward(
-        self,
-        losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor,
-        *,
-        shared_params: Sequence[Tensor] | None = None,
-        features: Tensor | None = None,
-        present: Tensor | None = None,
-    ) -> BalanceResult:
-        reuse = self.update_every > 1 and int(self.steps) % self.update_every != 0
-        result = super().backward(
-            losses, shared_params=shared_params, features=features, present=present
-        )
-        if reuse and self.max_norm > 0 and self.level == "parameters" and shared_params:
-            torch.nn.utils.clip_grad_norm_(list(shared_params), self.max_norm)
-        return result

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from polytask.balancing.aggregators._solvers_b import present_rows
-from polytask.balancing.base import BALANCERS, BalanceResult
+from polytask.balancing.base import BALANCERS
 from polytask.balancing.gradient import GradientAggregator, Level
 from polytask.balancing.jacobian import gramian
 from polytask.errors import ConfigError
@@ -135,7 +135,6 @@ class GradVac(GradientAggregator):
         k = self.num_tasks
         self.register_buffer("targets", torch.zeros(k, k, dtype=torch.float64))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
-        self._rows: Tensor | None = None
 
     def aggregate(
         self, jacobian: Tensor, losses: Tensor, *, rows: Tensor | None = None
@@ -155,19 +154,3 @@ class GradVac(GradientAggregator):
         self.draws += 1
         weights = torch.from_numpy(coeffs.sum(axis=0)).to(jacobian.device, jacobian.dtype)
         return weights @ jacobian, weights
-
-    def backward(
-        self,
-        losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor,
-        *,
-        shared_params: Sequence[Tensor] | None = None,
-        features: Tensor | None = None,
-        present: Tensor | None = None,
-    ) -> BalanceResult:
-        self._rows = None if present is None else present.reshape(-1).nonzero().squeeze(1)
-        try:
-            return super().backward(
-                losses, shared_params=shared_params, features=features, present=present
-            )
-        finally:
-            self._rows = None

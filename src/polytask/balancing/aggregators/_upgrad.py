@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from polytask.balancing.aggregators._solvers import project_onto_dual_cone
-from polytask.balancing.base import BALANCERS, BalanceResult
+from polytask.balancing.base import BALANCERS
 from polytask.balancing.gradient import GramianWeightingAggregator, Level
 from polytask.errors import ConfigError
 from polytask.tasks import TaskSpec
@@ -51,7 +51,6 @@ class _PreferenceMixin(GramianWeightingAggregator):
                     f"pref_vector must hold finite non-negative numbers, found {pref.tolist()}"
                 )
         self.register_buffer("pref_vector", pref, persistent=False)
-        self._present: Tensor | None = None
 
     def preference(self, k: int, like: Tensor) -> Tensor:
         """The preference weights of the ``k`` tasks in the Gramian (uniform ``1/k`` by
@@ -60,29 +59,13 @@ class _PreferenceMixin(GramianWeightingAggregator):
             return torch.full((k,), 1.0 / k, dtype=like.dtype, device=like.device)
         pref = self.pref_vector.to(like.dtype)
         if k != pref.numel():
-            present = self._present
-            if present is None or int(present.sum()) != k:
+            rows = self._rows
+            if rows is None or rows.numel() != k:
                 raise ValueError(
                     f"pref_vector has {pref.numel()} entries but the Gramian is {k}×{k}"
                 )
-            pref = pref[present.to(pref.device)]
+            pref = pref[rows.to(pref.device)]
         return pref.to(like.device)
-
-    def backward(
-        self,
-        losses: Mapping[str, Tensor] | Sequence[Tensor] | Tensor,
-        *,
-        shared_params: Sequence[Tensor] | None = None,
-        features: Tensor | None = None,
-        present: Tensor | None = None,
-    ) -> BalanceResult:
-        self._present = present
-        try:
-            return super().backward(
-                losses, shared_params=shared_params, features=features, present=present
-            )
-        finally:
-            self._present = None
 
 
 @BALANCERS.register(

@@ -113,5 +113,7 @@ def test_gradient_aggregator_drops_absent_tasks_and_reuses_weights() -> None:
     model.zero_grad()
     _, losses = _losses(model, x, y)
     reused = agg.backward(losses, shared_params=model.shared_parameters())
-    assert reused.weights.tolist() == [1.0, 0.0]  # step 2 of 2 reuses the last weights
+    # step 2 of 2 reuses the last weights; the task absent at step 1 keeps its previous weight
+    # (the initial 1) instead of being frozen at 0 until the next recomputation
+    assert reused.weights.tolist() == [1.0, 1.0]
     assert int(agg.steps) == 2

@@ -32,9 +32,10 @@ from polytask.tasks import TaskSpec
 Level = Literal["parameters", "features"]
 
 
-def graph_leaves(output: Tensor) -> list[Tensor]:
-    """Every leaf tensor requiring grad that ``output`` depends on (walks the autograd graph)."""
-    seen: set[int] = set()
+def graph_leaves(output: Tensor, *, stop: Sequence[Tensor] = ()) -> list[Tensor]:
+    """Every leaf tensor requiring grad that ``output`` depends on (walks the autograd graph),
+    not looking below the tensors in ``stop`` (e.g. the shared features)."""
+    seen: set[int] = {id(t.grad_fn) for t in stop if t.grad_fn is not None}
     leaves: list[Tensor] = []
     stack = [output.grad_fn]
     while stack:
@@ -159,7 +160,15 @@ class GradientAggregator(Balancer):
             weights_full = weights.to(vector.dtype)
         else:
             weights_full[keep] = weights.to(vector.dtype)
-        self.last_weights.copy_(weights_full.detach())
+        # an absent task keeps its last weight for the steps that reuse weights
+        kept_weights = (
+            weights_full.detach()
+            if keep is None
+            else torch.where(
+                present, weights_full.detach(), self.last_weights.to(weights_full.dtype)
+            )
+        )
+        self.last_weights.copy_(kept_weights)
         self._apply_update(update * scale, shared)
         return BalanceResult(weights=weights_full.detach(), loss=vector.sum().detach())
 
@@ -206,9 +215,10 @@ class GradientAggregator(Balancer):
         cached = getattr(self, "_task_parameters", None)
         if cached is None:
             shared_ids = {id(t) for t in shared}
-            cached = [t for t in graph_leaves(losses) if id(t) not in shared_ids]
-            if self.level == "features":  # the encoder lies below the features: not a task's
-                cached = []
+            # at the features level the walk stops at the features: the encoder below them is
+            # not a task's
+            stop = shared if self.level == "features" else ()
+            cached = [t for t in graph_leaves(losses, stop=stop) if id(t) not in shared_ids]
             self._task_parameters = cached
         return cached
 

@@ -80,7 +80,7 @@ class UncertaintyWeighting(LossWeighting):
         weights = self.factors.to(losses.dtype) * torch.exp(-log_vars)
         terms = weights * losses + 0.5 * log_vars
         total = torch.where(present, terms, torch.zeros_like(terms)).sum()
-        return total, weights
+        return total, torch.where(present, weights, torch.zeros_like(weights))
 
 
 # --------------------------------------------------------------------------- helpers

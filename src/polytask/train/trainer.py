@@ -194,6 +194,13 @@ class Trainer:
             balancer.set_grad_scale(0.5)  # fails early for methods that cannot scale gradients
             balancer.set_grad_scale(1.0)
         balancer.attach(model)
+        update_every = getattr(balancer, "update_every", 1)
+        if update_every > 1 and self.dist.is_main and progress:
+            self.console.print(
+                f"{type(balancer).__name__}: weights recomputed every {update_every} steps; the "
+                f"{update_every - 1} steps between reuse them with one ordinary backward (no "
+                "per-task Jacobian), trading fresher weights for speed"
+            )
         self.train_model: torch.nn.Module = model
         if self.dist.enabled:
             balancer.distribute(self.dist.reducer)

@@ -74,7 +74,7 @@ def test_bad_config_inputs(tiny_yaml: Path, tmp_path: Path, tiny_raw: dict) -> N
     out = _one_error_line(run("train", tmp_path / "missing.yaml"))
     assert "missing.yaml: no such config file" in out
     out = _one_error_line(run("train", tiny_yaml, "model.encoder=nope"))
-    assert "model.encoder: unknown encoder 'nope'; known: cnn, mlp, resnet" in out
+    assert "model.encoder: unknown encoder 'nope'; known: " in out and "mlp, resnet" in out
     out = _one_error_line(run("train", tiny_yaml, "train.epochs=many"))
     assert "train.epochs" in out and "valid integer" in out
     out = _one_error_line(run("train", tiny_yaml, "balancing.method=magic"))
@@ -164,9 +164,9 @@ def test_shipped_recipes_start(config: Path, tmp_path: Path) -> None:
     """Every recipe trains one tiny epoch (its data shrunk where the dataset allows)."""
     raw = yaml.safe_load(config.read_text())
     params = raw["data"].setdefault("params", {})
-    if raw["data"]["dataset"] == "multi-digits":
+    if raw["data"].get("dataset") == "multi-digits":
         params.update(num_train=200, num_val=50, num_test=50)
-    if raw["data"]["dataset"] == "mmoe-synthetic":
+    if raw["data"].get("dataset") == "mmoe-synthetic":
         params.update(num_samples=300)
     raw.setdefault("evaluate", {})["baselines"] = False
     raw["train"] = {**raw.get("train", {}), "epochs": 1, "progress": False}

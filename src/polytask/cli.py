@@ -53,7 +53,8 @@ def print_results(result: Any) -> None:
         table.add_column("gain %", justify="right")
         gains = relative_gains(result.test, result.baselines, result.tasks)
     for task in result.tasks:
-        for i, metric in enumerate(task.metric_names):
+        extra = [m for m in result.test[task.name] if m not in task.metric_names and m != "loss"]
+        for i, metric in enumerate([*task.metric_names, *extra]):
             row = [task.name if i == 0 else "", metric, _fmt(result.test[task.name].get(metric))]
             if result.baselines is not None:
                 row.append(_fmt(result.baselines.get(task.name, {}).get(metric)))

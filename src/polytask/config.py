@@ -133,6 +133,11 @@ class TrainConfig(_Strict):
 
 class EvaluateConfig(_Strict):
     baselines: bool = Field(False, description="train single-task baselines and report Δm%")
+    group_by: str | None = Field(
+        None,
+        description="a categorical input column (e.g. user_id): binary tasks also report GAUC, "
+        "the impression-weighted mean AUC per group",
+    )
 
 
 class RunConfig(_Strict):

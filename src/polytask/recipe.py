@@ -268,6 +268,7 @@ def train_from_config(
         device=device,
         reducer=ctx.reducer,
     )
+    add_group_auc(config, model, bundle, tasks, test, device)
     result = RunResult(run_dir=run_dir, tasks=tasks, test=test, fit=fit)
     if config.evaluate.baselines if baselines is None else baselines:
         result.baselines = train_baselines(config, run_dir, tasks, progress=progress)
@@ -276,6 +277,28 @@ def train_from_config(
         save_results(result)
     ctx.barrier()
     return result
+
+
+def add_group_auc(
+    config: RunConfig,
+    model: MultiTaskModel,
+    bundle: DataBundle,
+    tasks: Sequence[TaskSpec],
+    test: TaskMetrics,
+    device: torch.device,
+) -> None:
+    """With ``evaluate.group_by``, add each binary task's GAUC over that column's groups to the
+    test metrics (Zhou et al., KDD 2018)."""
+    column = config.evaluate.group_by
+    if column is None:
+        return
+    from polytask.ranking import group_codes, ranking_report
+
+    groups = group_codes(bundle, "test", column)
+    report = ranking_report(model, bundle.test, tasks, groups, device=device)
+    for task, values in report.items():
+        if "gauc" in values:
+            test[task]["gauc"] = values["gauc"]
 
 
 def save_results(result: RunResult) -> None:
@@ -426,6 +449,7 @@ def evaluate_run(run_dir: Path, *, baselines: bool = False) -> RunResult:
         trained.tasks,
         device=device,
     )
+    add_group_auc(config, trained.model, bundle, trained.tasks, test, device)
     result = RunResult(run_dir=run_dir, tasks=trained.tasks, test=test)
     cached = (run_dir / "baselines").is_dir()
     if baselines or config.evaluate.baselines or cached:

@@ -74,7 +74,7 @@ METRICS: dict[str, dict[str, bool]] = {
     "regression": {"rmse": False, "mae": False, "r2": True},
 }
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
-    "binary": ("accuracy", "auroc", "f1"),
+    "binary": ("accuracy", "auroc", "f1", "log_loss"),
     "multiclass": ("accuracy", "macro_f1"),
     "multilabel": ("accuracy", "macro_f1", "auroc"),
     "regression": ("rmse", "mae", "r2"),

@@ -112,7 +112,10 @@ def encoder_stages(encoder: nn.Module, *, spatial: bool = False) -> list[nn.Modu
         if not spatial:
             stages[-1] = nn.Sequential(stages[-1], encoder.pool, nn.Flatten())
         return stages
-    kinds = "cnn or resnet" if spatial else "mlp, cnn or resnet"
+    stages_of = getattr(encoder, "stages", None)  # encoders that split themselves (tabular)
+    if callable(stages_of) and not spatial:
+        return list(stages_of())
+    kinds = "cnn or resnet" if spatial else "mlp, cnn, resnet or tabular"
     raise ConfigError(
         f"cannot split a {type(encoder).__name__} encoder into stages; layered architectures "
         f"(cross_stitch, mtan) need a {kinds} encoder"

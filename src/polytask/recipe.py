@@ -483,11 +483,15 @@ def predict_file(
             if missing:
                 raise DataError(f"{input_path}: missing categorical column(s) {missing}")
             raw["categorical"] = frame[names].to_numpy(dtype=object)
-        unknown = set(shape) - {"numeric", "categorical"}
-        if unknown:
-            raise DataError(
-                f"{run_dir}: predict from a table does not handle input blocks {sorted(unknown)}"
-            )
+        for block in sorted(set(shape) - {"numeric", "categorical"}):
+            if block.endswith("_present"):
+                continue
+            if block not in frame.columns:  # e.g. a text block reads the column of its name
+                raise DataError(
+                    f"{input_path}: the model reads an input block {block!r}; give it as a "
+                    f"column named {block!r} (text), columns: {', '.join(map(str, frame.columns))}"
+                )
+            raw[block] = frame[block].astype(str).tolist()
     elif trained.feature_names is not None:
         raw = read_features(input_path, trained.feature_names)
     else:

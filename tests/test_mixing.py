@@ -35,7 +35,7 @@ from polytask.data.multilabel import MultiLabelDataset, MultiLabelTable
 from polytask.errors import ConfigError, DataError
 from polytask.evaluate import evaluate
 from polytask.models import build_model
-from polytask.recipe import resume_run, train_from_config
+from polytask.recipe import evaluate_run, resume_run, train_from_config
 from polytask.tasks import TaskSpec
 
 SIZES = [400, 40, 4]
@@ -445,6 +445,7 @@ def test_two_datasets_of_100_to_1_train_end_to_end(tmp_path: Path) -> None:
         assert abs(seen["t2"] - mean) < 5 * sd
     run = json.loads((result.run_dir / "run.json").read_text())
     assert [d["tasks"] for d in run["data"]["datasets"]] == [["t1"], ["t2"]]
+    assert evaluate_run(result.run_dir).test == result.test  # `polytask evaluate` rebuilds it
 
 
 def test_interrupted_multi_dataset_run_resumes_identically(tmp_path: Path) -> None:

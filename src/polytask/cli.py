@@ -199,21 +199,58 @@ def predict(
 
 @app.command()
 def compare(
-    run_dirs: Annotated[list[Path], typer.Argument(help="run folders made by `polytask train`")],
-    markdown: Annotated[
-        Path | None, typer.Option(help="also write the table as Markdown to this file")
+    targets: Annotated[
+        list[Path],
+        typer.Argument(help="run folders to compare, or ONE config file with --methods"),
+    ],
+    methods: Annotated[
+        str | None,
+        typer.Option(help="with a config: comma-separated balancing methods to train and compare"),
     ] = None,
+    seeds: Annotated[int, typer.Option(help="with --methods: seeds per method")] = 3,
+    markdown: Annotated[Path | None, typer.Option(help="write the table as Markdown")] = None,
+    csv: Annotated[Path | None, typer.Option(help="write every result as CSV (--methods)")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write a Δm% bar chart PNG (--methods)")] = None,
+    output_dir: Annotated[Path, typer.Option(help="where the runs go (--methods)")] = Path("runs"),
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = False,
 ) -> None:
-    """Compare runs side by side: test metrics per task, mean ± std over the runs that share a
-    configuration name (e.g. several seeds of one setting)."""
+    """Compare runs: either existing run folders (test metrics, mean ± std over runs sharing a
+    configuration name), or, with one CONFIG and --methods a,b,c, train each method over --seeds
+    seeds plus the single-task baselines once and rank the methods by Δm%."""
     import json
 
     from polytask.evaluate import comparison_markdown, summarize_groups
     from polytask.recipe import read_run_config
 
+    if methods is not None:
+        from polytask.compare import compare_methods, comparison_table, write_comparison
+        from polytask.config import load_config
+
+        if len(targets) != 1 or not targets[0].is_file():
+            raise _fail("--methods takes one config file, e.g. configs/multi-digits.yaml")
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        try:
+            from polytask.balancing import BALANCERS
+
+            unknown = [m for m in names if m not in BALANCERS]
+            if unknown:
+                raise _fail(
+                    f"--methods: unknown balancing method(s) {', '.join(unknown)}; known: "
+                    f"{', '.join(BALANCERS.names())}"
+                )
+            config = load_config(targets[0])
+            comparison = compare_methods(
+                config, names, seeds=seeds, output_dir=output_dir, progress=progress
+            )
+        except PolytaskError as exc:
+            raise _fail(str(exc)) from None
+        out.print(comparison_table(comparison))
+        write_comparison(comparison, markdown=markdown, csv_path=csv, plot=plot)
+        return
+
     groups: dict[str, list[dict[str, dict[str, float]]]] = {}
     try:
-        for run_dir in run_dirs:
+        for run_dir in targets:
             name = read_run_config(run_dir).name
             results = run_dir / "results.json"
             if not results.is_file():

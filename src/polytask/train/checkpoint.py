@@ -38,6 +38,7 @@ import numpy as np
 import safetensors.torch
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
 
 from polytask.errors import CheckpointError
 
@@ -322,7 +323,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     data = _read_bytes(path)
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = load_safetensors_bytes(data)  # safetensors, never a pickle
     except Exception as exc:  # safetensors raises SafetensorError, ValueError, ...
         raise CheckpointError(
             f"{path}: not a readable safetensors checkpoint ({_one_line(exc)})"

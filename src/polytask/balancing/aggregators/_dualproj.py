@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
@@ -13,9 +11,6 @@ from polytask.balancing.aggregators._upgrad import (
     regularized_normalized_gramian,
 )
 from polytask.balancing.base import BALANCERS
-from polytask.balancing.gradient import Level
-from polytask.errors import ConfigError
-from polytask.tasks import TaskSpec
 
 
 @BALANCERS.register(
@@ -47,25 +42,6 @@ class DualProj(_PreferenceMixin):
         >>> weights
         tensor([1.0000, 0.5000])
     """
-
-    def __init__(
-        self,
-        tasks: Sequence[TaskSpec | str],
-        *,
-        pref_vector: Sequence[float] | None = None,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-        level: Level = "parameters",
-        update_every: int = 1,
-    ) -> None:
-        super().__init__(tasks, level=level, update_every=update_every)
-        if not norm_eps >= 0.0:
-            raise ConfigError(f"norm_eps must be >= 0, found {norm_eps}")
-        if not reg_eps >= 0.0:
-            raise ConfigError(f"reg_eps must be >= 0, found {reg_eps}")
-        self.norm_eps = float(norm_eps)
-        self.reg_eps = float(reg_eps)
-        self._init_preference(pref_vector)
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         k = gramian.shape[0]

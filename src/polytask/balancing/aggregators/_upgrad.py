@@ -35,6 +35,25 @@ class _PreferenceMixin(GramianWeightingAggregator):
 
     pref_vector: Tensor
 
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec | str],
+        *,
+        pref_vector: Sequence[float] | None = None,
+        norm_eps: float = 1e-4,
+        reg_eps: float = 1e-4,
+        level: Level = "parameters",
+        update_every: int = 1,
+    ) -> None:
+        super().__init__(tasks, level=level, update_every=update_every)
+        if not norm_eps >= 0.0:
+            raise ConfigError(f"norm_eps must be >= 0, found {norm_eps}")
+        if not reg_eps >= 0.0:
+            raise ConfigError(f"reg_eps must be >= 0, found {reg_eps}")
+        self.norm_eps = float(norm_eps)
+        self.reg_eps = float(reg_eps)
+        self._init_preference(pref_vector)
+
     def _init_preference(self, pref_vector: Sequence[float] | None) -> None:
         self._uniform = pref_vector is None
         if pref_vector is None:
@@ -102,25 +121,6 @@ class UPGrad(_PreferenceMixin):
         >>> weights
         tensor([1.0000, 0.7500])
     """
-
-    def __init__(
-        self,
-        tasks: Sequence[TaskSpec | str],
-        *,
-        pref_vector: Sequence[float] | None = None,
-        norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
-        level: Level = "parameters",
-        update_every: int = 1,
-    ) -> None:
-        super().__init__(tasks, level=level, update_every=update_every)
-        if not norm_eps >= 0.0:
-            raise ConfigError(f"norm_eps must be >= 0, found {norm_eps}")
-        if not reg_eps >= 0.0:
-            raise ConfigError(f"reg_eps must be >= 0, found {reg_eps}")
-        self.norm_eps = float(norm_eps)
-        self.reg_eps = float(reg_eps)
-        self._init_preference(pref_vector)
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
         k = gramian.shape[0]

@@ -290,8 +290,9 @@ def datasets() -> None:
 @app.command()
 def methods() -> None:
     """List every registered component: balancing methods, architectures, encoders, heads,
-    datasets."""
+    datasets, samplers."""
     from polytask.balancing import BALANCERS
+    from polytask.data.mixing import SAMPLERS
     from polytask.data.sources import DATASETS
     from polytask.models import ARCHITECTURES, ENCODERS, HEADS
 
@@ -301,6 +302,7 @@ def methods() -> None:
         "encoder": ENCODERS,
         "head": HEADS,
         "dataset": DATASETS,
+        "sampler": SAMPLERS,
     }
     table = Table(title="registered components")
     table.add_column("kind")

@@ -78,6 +78,7 @@ def build_data(config: RunConfig) -> DataBundle:
             test_fraction=config.data.test_fraction,
             standardize=config.data.standardize,
         )
+    assert config.data.dataset is not None  # the config has `dataset` or `datasets` (issue 5)
     table = DATASETS.get(config.data.dataset)(seed=config.seed, **config.data.params)
     if config.data.tasks is not None:
         known = [t.name for t in table.tasks]

@@ -273,8 +273,9 @@ class TaskSpec:
             mask = self.label_mask(target)
             if mask.dim() > 1:  # a row counts when all its outputs are labelled
                 mask = mask.all(dim=-1)
-            if bool(mask.any()):
-                metrics.update(prediction[mask], target[mask])
+            # always update (possibly with nothing): under DDP every process must take part in
+            # the metric synchronisation, labelled rows or not
+            metrics.update(prediction[mask], target[mask])
             return
         mask = self.label_mask(target)
         clean = torch.where(mask, target, torch.full_like(target, -1)).long()

@@ -23,6 +23,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from polytask.balancing.autogram import LayerwiseGramian, LayerwiseStep
 from polytask.balancing.base import Balancer, BalanceResult, stack_losses
 from polytask.balancing.jacobian import flatten_jacobian, gramian, task_jacobian
 from polytask.balancing.reduce import Reducer
@@ -140,20 +141,28 @@ class GradientAggregator(Balancer):
         weights_full = torch.zeros_like(vector)
         if k == 0:
             return BalanceResult(weights=weights_full, loss=vector.sum().detach())
-        # the Jacobian of the scaled losses (fp16-safe), unscaled in fp32 for the method
-        blocks = task_jacobian(kept * scale, shared)
-        jacobian = flatten_jacobian(blocks, shared, k)
-        if jacobian.dtype not in (torch.float32, torch.float64):
-            jacobian = jacobian.float()
-        if not (isinstance(scale, float) and scale == 1.0):
-            jacobian = jacobian / scale
+        # >>> autogram: the layer-wise Gramian (no K×P Jacobian) where the model allows it
+        layerwise = self._layerwise_gramian(kept * scale, shared)
+        # <<< autogram
         values = kept.detach()
-        if self.reducer is not None:  # the global Jacobian and losses, identical everywhere
-            jacobian = self.reducer.mean_(jacobian)
-            values = self.reducer.mean(values)
+        if layerwise is None:
+            # the Jacobian of the scaled losses (fp16-safe), unscaled in fp32 for the method
+            blocks = task_jacobian(kept * scale, shared)
+            jacobian = flatten_jacobian(blocks, shared, k)
+            if jacobian.dtype not in (torch.float32, torch.float64):
+                jacobian = jacobian.float()
+            if not (isinstance(scale, float) and scale == 1.0):
+                jacobian = jacobian / scale
+            if self.reducer is not None:  # the global Jacobian and losses, identical everywhere
+                jacobian = self.reducer.mean_(jacobian)
+                values = self.reducer.mean(values)
         self._rows = keep  # the task index of each Jacobian row, for methods with per-task state
         try:
-            update, weights = self.aggregate(jacobian, values)
+            if layerwise is None:
+                update, weights = self.aggregate(jacobian, values)
+            else:  # autogram
+                g = layerwise.gramian
+                weights = self.weights_from_gramian(g, values).to(g.dtype)  # type: ignore[attr-defined]
         finally:
             self._rows = None
         if keep is None:
@@ -169,7 +178,10 @@ class GradientAggregator(Balancer):
             )
         )
         self.last_weights.copy_(kept_weights)
-        self._apply_update(update * scale, shared)
+        if layerwise is None:
+            self._apply_update(update * scale, shared)
+        else:  # autogram: Σ_k w_k ∇L_k from the layers' activations and output gradients
+            layerwise.apply(weights)
         return BalanceResult(weights=weights_full.detach(), loss=vector.sum().detach())
 
     # ------------------------------------------------------------------ plumbing
@@ -208,6 +220,41 @@ class GradientAggregator(Balancer):
         params = getattr(model, "task_parameters", None)
         if params is not None:
             self._task_parameters = [p for p in params() if p.requires_grad]
+        # >>> autogram: hooks on the shared linear layers (Gramian weightings, parameters level)
+        if self._autogram is not None:
+            self._autogram.remove()
+            self._autogram = None
+        if isinstance(self, GramianWeightingAggregator) and self.level == "parameters":
+            self._autogram = LayerwiseGramian.attach(
+                model, active=self._autogram_active, owner=type(self).__name__
+            )
+        # <<< autogram
+
+    # >>> autogram
+    #: use the layer-wise Gramian when ``attach(model)`` found the model eligible; set it to
+    #: False on an instance to force the batched Jacobian path
+    use_autogram: bool = True
+    _autogram: LayerwiseGramian | None = None
+
+    def _autogram_active(self) -> bool:
+        """Whether this step may take the layer-wise path: not under DDP (a sharded batch's
+        Gramian has cross-process terms), the method's update is ``wᵀJ``, and the next step
+        recomputes the weights (``update_every``)."""
+        return (
+            self.use_autogram
+            and int(self.steps) % self.update_every == 0
+            and self.reducer is None
+            and self.level == "parameters"
+            and type(self).aggregate is GramianWeightingAggregator.aggregate
+        )
+
+    def _layerwise_gramian(self, losses: Tensor, shared: Sequence[Tensor]) -> LayerwiseStep | None:
+        """The layer-wise Gramian of the (scaled) kept losses, or ``None``: use the Jacobian."""
+        if self._autogram is None or not self._autogram.usable():
+            return None
+        return self._autogram.step(losses, self.grad_scale, shared, owner=type(self).__name__)
+
+    # <<< autogram
 
     def _task_params(self, shared: Sequence[Tensor], losses: Tensor) -> list[Tensor]:
         """The non-shared leaves the losses depend on: from ``attach(model)``, else found once by

@@ -804,7 +804,8 @@ def build_mixed_bundle(
             tasks.setdefault(task.name, task)
             origin.setdefault(task.name, name)
 
-    splits, info = [], []
+    splits: list[np.ndarray] = []
+    info: list[dict[str, Any]] = []
     for name, table in tables:
         if table.split is not None:
             codes = np.asarray(table.split).astype(np.int64)
@@ -819,8 +820,8 @@ def build_mixed_bundle(
         if sizes["train"] == 0:
             raise DataError(f"dataset {name!r} ({table.source}): the training split is empty")
         splits.append(codes)
-        info.append({"name": name, "source": table.source, "tasks": [t.name for t in table.tasks]})
-        info[-1]["sizes"] = sizes
+        tasks_of = [t.name for t in table.tasks]
+        info.append({"name": name, "source": table.source, "tasks": tasks_of, "sizes": sizes})
     start = 0
     for i, entry in enumerate(info):
         entry["train_rows"] = [start, start + entry["sizes"]["train"]]

@@ -224,7 +224,11 @@ class GradientAggregator(Balancer):
         if self._autogram is not None:
             self._autogram.remove()
             self._autogram = None
-        if isinstance(self, GramianWeightingAggregator) and self.level == "parameters":
+        if (
+            self.use_autogram
+            and isinstance(self, GramianWeightingAggregator)
+            and self.level == "parameters"
+        ):
             self._autogram = LayerwiseGramian.attach(
                 model, active=self._autogram_active, owner=type(self).__name__
             )
@@ -237,12 +241,15 @@ class GradientAggregator(Balancer):
     _autogram: LayerwiseGramian | None = None
 
     def _autogram_active(self) -> bool:
-        """Whether this step may take the layer-wise path: not under DDP (a sharded batch's
-        Gramian has cross-process terms), the method's update is ``wᵀJ``, and the next step
-        recomputes the weights (``update_every``)."""
+        """Whether the forward hooks should capture: the next ``backward`` recomputes the
+        weights (``update_every``) and may take the layer-wise path."""
+        return int(self.steps) % self.update_every == 0 and self._autogram_allowed()
+
+    def _autogram_allowed(self) -> bool:
+        """Whether the layer-wise path may be used: not under DDP (a sharded batch's Gramian
+        has cross-process terms), and the method's update is ``wᵀJ``."""
         return (
             self.use_autogram
-            and int(self.steps) % self.update_every == 0
             and self.reducer is None
             and self.level == "parameters"
             and type(self).aggregate is GramianWeightingAggregator.aggregate
@@ -250,7 +257,7 @@ class GradientAggregator(Balancer):
 
     def _layerwise_gramian(self, losses: Tensor, shared: Sequence[Tensor]) -> LayerwiseStep | None:
         """The layer-wise Gramian of the (scaled) kept losses, or ``None``: use the Jacobian."""
-        if self._autogram is None or not self._autogram.usable():
+        if self._autogram is None or self._autogram.failed or not self._autogram_allowed():
             return None
         return self._autogram.step(losses, self.grad_scale, shared, owner=type(self).__name__)
 

@@ -90,3 +90,29 @@ def test_bad_specs_name_the_problem() -> None:
 def test_round_trip_dict() -> None:
     task = TaskSpec("r", "regression", metrics=("mae",), target_mean=(1.0,), target_std=(2.0,))
     assert TaskSpec.from_dict(task.to_dict()) == task
+
+
+def test_class_weights_weight_the_loss_by_hand() -> None:
+    # multiclass: weights (1, 3); one sample of class 1 with logits 0 → CE = log 2, weighted 3×
+    task = TaskSpec("c", "multiclass", num_classes=2, class_weights=(1.0, 3.0))
+    loss, count = task.compute_loss(torch.zeros(2, 2), torch.tensor([1, -1]))
+    assert int(count) == 1 and loss.item() == pytest.approx(3 * math.log(2))
+    # binary: (negative 0.5, positive 2); logits 0 → each BCE = log 2; mean of 0.5 and 2 weights
+    b = TaskSpec("b", "binary", class_weights=(0.5, 2.0))
+    loss, _ = b.compute_loss(torch.zeros(2), torch.tensor([0.0, 1.0]))
+    assert loss.item() == pytest.approx((0.5 + 2.0) * math.log(2) / 2)
+    with pytest.raises(ConfigError, match="class_weights needs 3 values"):
+        TaskSpec("c", "multiclass", num_classes=3, class_weights=(1.0, 2.0))
+
+
+def test_class_balanced_weights_formulas() -> None:
+    from polytask.tasks import class_balanced_weights
+
+    # inverse: 1/30 and 1/10, normalised to mean 1 → 0.5 and 1.5
+    assert class_balanced_weights([30, 10]) == (0.5, 1.5)
+    # effective number (Cui et al. 2019) with β = 0.5: (1-β)/(1-β^n) = 0.5/0.75 and 0.5/0.5
+    raw = [0.5 / 0.75, 1.0]
+    expected = tuple(round(w / (sum(raw) / 2), 6) for w in raw)
+    assert class_balanced_weights([2, 1], method="effective", beta=0.5) == expected
+    # a class never seen gets the largest weight
+    assert class_balanced_weights([10, 0])[1] == class_balanced_weights([10, 0])[0]

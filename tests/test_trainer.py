@@ -173,3 +173,34 @@ def test_data_wait_is_reported(tiny_raw: dict, tmp_path: Path) -> None:
     _train(tiny_raw, tmp_path / "run")
     record = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert 0.0 <= record["data_wait_fraction"] < 1.0 and record["train_time_s"] > 0
+
+
+def test_task_weights_and_class_balance_from_config(tmp_path: Path) -> None:
+    from polytask.recipe import build_data
+
+    raw = {
+        "name": "digits",
+        "data": {
+            "dataset": "multi-digits",
+            "params": {"num_train": 300, "num_val": 60, "num_test": 60},
+            "task_weights": {"sum": 0.25},
+            "class_balance": {"both_even": "inverse"},
+        },
+        "output_dir": str(tmp_path),
+    }
+    bundle = build_data(parse_config(raw))
+    tasks = {t.name: t for t in bundle.tasks}
+    assert tasks["sum"].weight == 0.25 and tasks["left"].weight == 1.0
+    y = bundle.train.targets["both_even"]
+    positives = float((y == 1).float().mean())  # about 1/4 of pairs have two even digits
+    negative_w, positive_w = tasks["both_even"].class_weights
+    assert positive_w / negative_w == pytest.approx((1 - positives) / positives, rel=1e-4)
+    raw["data"]["class_balance"] = {"sum": "inverse"}
+    from polytask.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.class_balance.sum: applies to binary"):
+        build_data(parse_config(raw))
+    raw["data"]["class_balance"] = {}
+    raw["data"]["task_weights"] = {"nope": 2.0}
+    with pytest.raises(ConfigError, match=r"data.task_weights: unknown task\(s\) nope"):
+        build_data(parse_config(raw))

@@ -60,6 +60,14 @@ class DataConfig(_Strict):
     standardize: bool = True
     batch_size: int = Field(128, gt=0)
     eval_batch_size: int = Field(1024, gt=0)
+    task_weights: dict[str, float] = Field(
+        default_factory=dict, description="a fixed loss weight per task name (default 1)"
+    )
+    class_balance: dict[str, Literal["inverse", "effective"]] = Field(
+        default_factory=dict,
+        description="class-balanced loss for skewed binary/multiclass tasks: inverse frequency "
+        "or effective number of samples (Cui et al., CVPR 2019), fitted on the training split",
+    )
     on_device: bool = Field(
         True, description="keep the in-memory splits on the training device (no copy per batch)"
     )

@@ -13,7 +13,7 @@ import json
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from polytask.data.sources import DATASETS
 from polytask.errors import CheckpointError, ConfigError, DataError
 from polytask.evaluate import TaskMetrics, delta_m, evaluate, monitor_problem
 from polytask.models import MultiTaskModel, build_model
-from polytask.tasks import TaskSpec
+from polytask.tasks import TaskSpec, class_balanced_weights
 from polytask.train.checkpoint import load_checkpoint
 from polytask.train.device import resolve_device
 from polytask.train.distributed import DistributedContext, init_distributed
@@ -70,7 +70,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 def build_data(config: RunConfig) -> DataBundle:
     """The run's dataset, restricted to ``data.tasks`` when given, split and standardised."""
     if config.data.datasets is not None:  # several datasets, one model (issue 5)
-        return build_datasets_bundle(
+        bundle = build_datasets_bundle(
             [entry.model_dump() for entry in config.data.datasets],
             seed=config.seed,
             tasks=config.data.tasks,
@@ -78,6 +78,8 @@ def build_data(config: RunConfig) -> DataBundle:
             test_fraction=config.data.test_fraction,
             standardize=config.data.standardize,
         )
+        apply_task_options(bundle, config)
+        return bundle
     assert config.data.dataset is not None  # the config has `dataset` or `datasets` (issue 5)
     table = DATASETS.get(config.data.dataset)(seed=config.seed, **config.data.params)
     if config.data.tasks is not None:
@@ -90,13 +92,51 @@ def build_data(config: RunConfig) -> DataBundle:
             )
         table.tasks = [t for t in table.tasks if t.name in config.data.tasks]
         table.targets = {n: table.targets[n] for n in config.data.tasks}
-    return build_bundle(
+    bundle = build_bundle(
         table,
         val_fraction=config.data.val_fraction,
         test_fraction=config.data.test_fraction,
         seed=config.seed,
         standardize=config.data.standardize,
     )
+    apply_task_options(bundle, config)
+    return bundle
+
+
+def apply_task_options(bundle: DataBundle, config: RunConfig) -> None:
+    """Fixed task weights and class-balanced losses from ``data.task_weights`` and
+    ``data.class_balance`` (class counts from the training split only)."""
+    weights, balance = config.data.task_weights, config.data.class_balance
+    names = [t.name for t in bundle.tasks]
+    for field_name, mapping in (("data.task_weights", weights), ("data.class_balance", balance)):
+        unknown = [n for n in mapping if n not in names]
+        if unknown:
+            raise ConfigError(
+                f"{field_name}: unknown task(s) {', '.join(unknown)}; tasks: {', '.join(names)}"
+            )
+    for name, weight in weights.items():
+        if not weight >= 0:
+            raise ConfigError(f"data.task_weights.{name}: must be >= 0, found {weight}")
+    tasks = []
+    for task in bundle.tasks:
+        if task.name in weights:
+            task = replace(task, weight=float(weights[task.name]))
+        if task.name in balance:
+            y = bundle.train.targets[task.name]
+            if task.kind == "multiclass":
+                counts = torch.bincount(y[y >= 0], minlength=task.num_classes).tolist()
+            elif task.kind == "binary":
+                labelled = y[torch.isfinite(y)]
+                counts = [int((labelled < 0.5).sum()), int((labelled >= 0.5).sum())]
+            else:
+                raise ConfigError(
+                    f"data.class_balance.{task.name}: applies to binary and multiclass tasks, "
+                    f"not {task.kind}"
+                )
+            weights_c = class_balanced_weights(counts, method=balance[task.name])
+            task = replace(task, class_weights=weights_c)
+        tasks.append(task)
+    bundle.tasks = tasks
 
 
 def eval_batches(
@@ -320,6 +360,8 @@ def baseline_config(config: RunConfig, task: str) -> RunConfig:
     raw = config_to_dict(config)
     raw["name"] = task
     raw["data"]["tasks"] = [task]
+    for key in ("task_weights", "class_balance"):  # only this task's options apply
+        raw["data"][key] = {k: v for k, v in raw["data"].get(key, {}).items() if k == task}
     raw["balancing"] = {"method": "equal", "params": {}}
     raw["evaluate"] = {"baselines": False}
     metric = raw["train"]["early_stopping"]["metric"]

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
@@ -95,6 +96,8 @@ class TaskSpec:
         weight: a fixed factor on this task's loss (the balancer's weights multiply it).
         target_mean, target_std: regression targets are standardised with these (fitted on the
             training split) inside the loss; predictions are returned in the original units.
+        class_weights: per-class loss weights for skewed classes (multiclass: one per class;
+            binary: ``(negative, positive)``), e.g. from ``class_balanced_weights``.
     """
 
     name: str
@@ -105,6 +108,7 @@ class TaskSpec:
     weight: float = 1.0
     target_mean: tuple[float, ...] | None = field(default=None)
     target_std: tuple[float, ...] | None = field(default=None)
+    class_weights: tuple[float, ...] | None = field(default=None)
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -123,6 +127,12 @@ class TaskSpec:
             out.append("a binary task has num_classes 1")
         if self.num_classes < 1:
             out.append("num_classes must be >= 1")
+        if self.class_weights is not None:
+            wanted = 2 if self.kind == "binary" else self.num_classes
+            if self.kind not in ("binary", "multiclass"):
+                out.append("class_weights apply to binary and multiclass tasks only")
+            elif len(self.class_weights) != wanted:
+                out.append(f"class_weights needs {wanted} values, found {len(self.class_weights)}")
         if self.loss is not None and self.kind not in LOSSES.get(self.loss, ()):
             valid = [name for name, kinds in LOSSES.items() if self.kind in kinds]
             out.append(
@@ -167,7 +177,7 @@ class TaskSpec:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``TaskSpec(**d)`` rebuilds it)."""
         d: dict[str, Any] = {"name": self.name, "kind": self.kind, "num_classes": self.num_classes}
-        for key in ("loss", "metrics", "target_mean", "target_std"):
+        for key in ("loss", "metrics", "target_mean", "target_std", "class_weights"):
             value = getattr(self, key)
             if value is not None:
                 d[key] = list(value) if isinstance(value, tuple) else value
@@ -178,7 +188,7 @@ class TaskSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskSpec:
         d = dict(d)
-        for key in ("metrics", "target_mean", "target_std"):
+        for key in ("metrics", "target_mean", "target_std", "class_weights"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -208,6 +218,16 @@ class TaskSpec:
             )
         return cache[key]
 
+    def _class_weights(self, like: Tensor) -> Tensor | None:
+        """The class weights as a tensor, cached per device and dtype (no copy per step)."""
+        if self.class_weights is None:
+            return None
+        cache: dict[Any, Tensor] = self.__dict__.setdefault("_weight_cache", {})
+        key = (like.device, like.dtype)
+        if key not in cache:
+            cache[key] = torch.tensor(self.class_weights, dtype=like.dtype, device=like.device)
+        return cache[key]
+
     def _standardise(self, target: Tensor) -> Tensor:
         if self.target_mean is None or self.target_std is None:
             return target
@@ -222,13 +242,19 @@ class TaskSpec:
         """
         mask = self.label_mask(target)
         count = mask.sum()
+        weights = self._class_weights(output)
         if self.kind == "multiclass":  # one fused kernel: unlabelled (-1) rows are ignored
-            total = F.cross_entropy(output, target, ignore_index=-1, reduction="sum")
+            total = F.cross_entropy(
+                output, target, weight=weights, ignore_index=-1, reduction="sum"
+            )
             return total / count.clamp_min(1).to(total.dtype), count
         if self.kind in ("binary", "multilabel"):
             clean = torch.where(mask, target, torch.zeros_like(target))
+            sample_weight = mask.to(output.dtype)
+            if weights is not None:  # (negative, positive) class weights
+                sample_weight = sample_weight * torch.where(clean > 0.5, weights[1], weights[0])
             total = F.binary_cross_entropy_with_logits(
-                output, clean, weight=mask.to(output.dtype), reduction="sum"
+                output, clean, weight=sample_weight, reduction="sum"
             )
             return total / count.clamp_min(1).to(total.dtype), count
         else:
@@ -321,6 +347,35 @@ class BinaryLogLoss(Metric):
         if self.count == 0:  # nothing labelled: no value rather than a perfect 0
             return torch.tensor(math.nan, dtype=torch.float64, device=self.sum_loss.device)
         return self.sum_loss / self.count
+
+
+def class_balanced_weights(
+    counts: Sequence[float], *, method: str = "inverse", beta: float = 0.999
+) -> tuple[float, ...]:
+    """Per-class loss weights from training-label counts, normalised to average 1 over the
+    classes: ``inverse`` frequency ``n / (C · n_c)``, or the ``effective`` number of samples of
+    Cui, Jia, Lin, Song & Belongie, "Class-Balanced Loss Based on Effective Number of Samples",
+    CVPR 2019: ``(1 − β) / (1 − β^n_c)``. Classes never seen get the largest weight.
+
+    Example:
+        >>> class_balanced_weights([30, 10])   # 40 / (2 · 30), 40 / (2 · 10), normalised
+        (0.5, 1.5)
+    """
+    if method not in ("inverse", "effective"):
+        raise ConfigError(f"class balance method {method!r}; valid: inverse, effective")
+    raw = []
+    for n in counts:
+        if n <= 0:
+            raw.append(math.inf)
+        elif method == "inverse":
+            raw.append(1.0 / n)
+        else:
+            raw.append((1.0 - beta) / (1.0 - beta**n))
+    finite = [w for w in raw if math.isfinite(w)]
+    top = max(finite) if finite else 1.0
+    raw = [w if math.isfinite(w) else top for w in raw]
+    mean = sum(raw) / len(raw)
+    return tuple(round(w / mean, 6) for w in raw)
 
 
 def _build_metric(kind: str, name: str, n: int) -> Metric:

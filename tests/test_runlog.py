@@ -110,3 +110,16 @@ def test_plot_curves_tolerates_sparse_records(tmp_path: Path) -> None:
     for name, recs in [("sparse.png", records), ("empty.png", []), ("one.png", records[:1])]:
         plot_curves(recs, tmp_path / name)
         assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_shows_samples_seen_per_task(tmp_path: Path) -> None:
+    records = [
+        {"epoch": e, "train": {"a": {"loss": 1.0 / e}}, "seen": {"a": 100 * e, "b": 3 * e}}
+        for e in (1, 2, 3)
+    ]
+    from polytask.train.runlog import _collect, plot_curves
+
+    *_, seen = _collect(records)
+    assert seen.points
+    plot_curves(records, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -200,14 +200,19 @@ class _Series:
         return out
 
 
+_SEEN_PANEL = "\0seen"
+
+
 def _collect(
     records: list[dict[str, Any]],
-) -> tuple[list[str], dict[str, _Series], dict[str, _Series], _Series]:
-    """Task names, per-task loss series, per-task validation metric series, weights."""
+) -> tuple[list[str], dict[str, _Series], dict[str, _Series], _Series, _Series]:
+    """Task names, per-task loss series, per-task validation metric series, weights, and the
+    labelled samples each task saw per epoch (several datasets)."""
     tasks: dict[str, None] = {}
     losses: dict[str, _Series] = {}
     metrics: dict[str, _Series] = {}
     weights = _Series()
+    seen = _Series()
     for record in records:
         if not isinstance(record, Mapping):
             continue
@@ -230,7 +235,9 @@ def _collect(
                     metrics.setdefault(str(task), _Series()).add(f"val {metric}", epoch, value)
         for task, value in _section(record, "weights").items():
             weights.add(str(task), epoch, value)
-    return list(tasks), losses, metrics, weights
+        for task, value in _section(record, "seen").items():
+            seen.add(str(task), epoch, value)
+    return list(tasks), losses, metrics, weights, seen
 
 
 def _draw(ax: Any, series: _Series | None, ylabel: str) -> None:
@@ -250,7 +257,8 @@ def plot_curves(records: list[dict[str, Any]], path: Path, *, title: str = "") -
     """Write a PNG of the run's curves to ``path`` (atomically).
 
     One column per task: its train (and validation) loss per epoch on top, its other
-    validation metrics below; a last panel shows the balancer's task weights when recorded.
+    validation metrics below; a last panel shows the balancer's task weights when recorded, and
+    another the labelled samples each task saw per epoch when several datasets are mixed.
     Missing keys, nulls and non-finite values are skipped. Columns wrap after 6 panels.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -258,8 +266,10 @@ def plot_curves(records: list[dict[str, Any]], path: Path, *, title: str = "") -
     from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
-    tasks, losses, metrics, weights = _collect(records)
+    tasks, losses, metrics, weights, seen = _collect(records)
     panels: list[str | None] = [*tasks, None] if weights.points else list(tasks)
+    if seen.points:
+        panels.append(_SEEN_PANEL)
     rows_per_block = 2 if metrics else 1
     columns = max(1, min(len(panels), 6))
     blocks = max(1, -(-len(panels) // columns))
@@ -280,10 +290,14 @@ def plot_curves(records: list[dict[str, Any]], path: Path, *, title: str = "") -
 
     for index, task in enumerate(panels):
         row, column = (index // columns) * rows_per_block, index % columns
-        if task is None:
+        if task is None or task == _SEEN_PANEL:
             ax = new_axes(grid[row : row + rows_per_block, column])
-            ax.set_title("task weights")
-            _draw(ax, weights, "weight")
+            if task is None:
+                ax.set_title("task weights")
+                _draw(ax, weights, "weight")
+            else:
+                ax.set_title("labelled samples seen")
+                _draw(ax, seen, "samples / epoch")
             ax.set_xlabel("epoch")
             continue
         ax = new_axes(grid[row, column])

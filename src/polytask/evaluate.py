@@ -18,11 +18,11 @@ import torch
 from torch import Tensor
 
 from polytask.balancing.reduce import Reducer
-from polytask.data.preprocess import inputs_to
+from polytask.data.preprocess import Inputs, inputs_to
 from polytask.models import MultiTaskModel
 from polytask.tasks import TaskSpec, compute_metrics
 
-Batch = tuple[Tensor, dict[str, Tensor]]
+Batch = tuple[Inputs, dict[str, Tensor]]
 TaskMetrics = dict[str, dict[str, float]]
 
 
@@ -46,9 +46,8 @@ def evaluate(
     collections = {t.name: t.make_metrics().to(device) for t in tasks}
     loss_sum = torch.zeros(len(tasks), dtype=torch.float64, device=device)
     count_sum = torch.zeros(len(tasks), dtype=torch.float64, device=device)
-    for x, y in batches:
-        x = inputs_to(x, device)
-        outputs = model(x).outputs
+    for inputs, y in batches:
+        outputs = model(inputs_to(inputs, device)).outputs
         for i, task in enumerate(tasks):
             target = y[task.name].to(device, non_blocking=True)
             loss, count = task.compute_loss(outputs[task.name], target)

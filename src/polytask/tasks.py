@@ -285,7 +285,7 @@ class TaskSpec:
     def make_metrics(self) -> MetricCollection:
         """Fresh torchmetrics (DDP-aware) for this task; update them with
         ``update_metrics``."""
-        metrics: dict[str, Metric] = {}
+        metrics: dict[str, Metric | MetricCollection] = {}
         n = self.num_classes
         for name in self.metric_names:
             metrics[name] = _build_metric(self.kind, name, n)

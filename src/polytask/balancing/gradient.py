@@ -18,7 +18,7 @@ weight is reported as 0.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, cast
 
 import torch
 from torch import Tensor
@@ -124,7 +124,8 @@ class GradientAggregator(Balancer):
             if self.reducer is not None:
                 self._reduce_grads([*shared, *self._task_params(shared, vector)])
             if self.max_norm > 0 and self.level == "parameters":
-                torch.nn.utils.clip_grad_norm_(shared, self.max_norm * self.grad_scale)
+                limit = self.max_norm * self.grad_scale  # a tensor under fp16 loss scaling
+                torch.nn.utils.clip_grad_norm_(shared, limit)  # type: ignore[arg-type]
             return BalanceResult(weights=weights.detach(), loss=total.detach())
 
         keep = None if present is None or bool(present.all()) else present.nonzero().squeeze(1)
@@ -162,7 +163,8 @@ class GradientAggregator(Balancer):
                 update, weights = self.aggregate(jacobian, values)
             else:  # autogram
                 g = layerwise.gramian
-                weights = self.weights_from_gramian(g, values).to(g.dtype)  # type: ignore[attr-defined]
+                gramian_method = cast("GramianWeightingAggregator", self)  # autogram: only those
+                weights = gramian_method.weights_from_gramian(g, values).to(g.dtype)
         finally:
             self._rows = None
         if keep is None:
@@ -174,7 +176,9 @@ class GradientAggregator(Balancer):
             weights_full.detach()
             if keep is None
             else torch.where(
-                present, weights_full.detach(), self.last_weights.to(weights_full.dtype)
+                present,  # type: ignore[arg-type]  # keep is set only when present is given
+                weights_full.detach(),
+                self.last_weights.to(weights_full.dtype),
             )
         )
         self.last_weights.copy_(kept_weights)

@@ -140,9 +140,7 @@ class CategoryVocabulary:
     def fit(self, values: Any) -> None:
         array = np.asarray(values, dtype=object).reshape(len(values), -1)
         if array.shape[1] != len(self.columns):
-            raise DataError(
-                f"categories: {array.shape[1]} columns for names {self.columns}"
-            )
+            raise DataError(f"categories: {array.shape[1]} columns for names {self.columns}")
         self.vocab = [
             sorted({str(v) for v in array[:, j] if not _is_missing(v)})
             for j in range(array.shape[1])

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from polytask.balancing import Balancer
-from polytask.data.preprocess import inputs_to
+from polytask.data.preprocess import Inputs, inputs_to
 from polytask.errors import CheckpointError, ConfigError
 from polytask.evaluate import TaskMetrics, evaluate, monitor_higher_is_better, monitor_value
 from polytask.models import MultiTaskModel
@@ -48,7 +48,7 @@ from polytask.train.checkpoint import (
 from polytask.train.distributed import DistributedContext
 from polytask.train.runlog import MetricsLog, plot_curves, read_metrics, truncate_after
 
-Batch = tuple[Tensor, dict[str, Tensor]]
+Batch = tuple[Inputs, dict[str, Tensor]]
 CHECKPOINT_FORMAT = "polytask-checkpoint/1"
 
 

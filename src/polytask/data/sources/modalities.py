@@ -671,7 +671,7 @@ def tweets_sentiment(
         TaskSpec("sentiment", "multiclass", num_classes=len(SENTIMENTS)),
         TaskSpec("agreement", "regression"),
     ]
-    targets = {
+    targets: dict[str, np.ndarray] = {
         "sentiment": np.array(codes, dtype=np.int64),
         "agreement": np.array(pd.to_numeric(frame["confidence"], errors="coerce"), np.float32),
     }

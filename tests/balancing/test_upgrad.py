@@ -10,37 +10,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tiny_steps import tiny_steps
 from torch import Tensor
 
-from polytask.balancing import BALANCERS
 from polytask.balancing.aggregators._upgrad import UPGrad, regularized_normalized_gramian
 from polytask.errors import ConfigError
-from polytask.models import build_model
-from polytask.tasks import TaskSpec
 
 
 def _train_step(name: str, present: Tensor | None = None, **params: Any) -> Tensor:
     """One real step: every parameter gets a finite gradient; returns the weights."""
-    torch.manual_seed(0)
-    tasks = [
-        TaskSpec("r", "regression"),
-        TaskSpec("b", "binary"),
-        TaskSpec("c", "multiclass", num_classes=3),
-    ]
-    model = build_model(tasks, (4,), encoder_params={"hidden": [8]})
-    balancer = BALANCERS.get(name)(tasks, **params)
-    balancer.attach(model)
-    x = torch.randn(16, 4)
-    y = {"r": torch.randn(16), "b": torch.rand(16).round(), "c": torch.randint(0, 3, (16,))}
-    out = model(x)
-    losses = {t.name: t.compute_loss(out.outputs[t.name], y[t.name])[0] for t in tasks}
-    result = balancer.backward(
-        losses, shared_params=model.shared_parameters(), features=out.features, present=present
-    )
-    assert result.weights.shape == (3,) and torch.isfinite(result.weights).all()
-    for p in model.parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all()
-    return result.weights
+    return tiny_steps(name, presents=(present,), **params)[0].weights
 
 
 def _jacobian(k: int, p: int, seed: int) -> Tensor:

@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+from tiny_steps import ZOO_KINDS, zoo_jacobian
 from torch import Tensor
 
 from polytask.balancing import BALANCERS
@@ -26,37 +27,12 @@ AGREEING_SCALE = {
     "dualproj": lambda k: 1.0,
     "imtl_g": lambda k: 1.0,
 }
-KINDS = ["agreeing", "orthogonal", "opposed", "zero_row", "duplicates", "norms", "random"]
+KINDS = ZOO_KINDS
 
 
 def zoo(kind: str, k: int, seed: int = 0) -> Tensor:
     """A K×P float64 Jacobian of the given kind."""
-    gen = torch.Generator().manual_seed(1000 * k + seed)
-    base = torch.randn(k, P, generator=gen, dtype=torch.float64)
-    if kind == "agreeing":
-        return base[0].repeat(k, 1)
-    if kind == "orthogonal":
-        q, _ = torch.linalg.qr(base.T)  # [P, k], orthonormal columns
-        return q.T * torch.linspace(0.5, 3.0, k, dtype=torch.float64)[:, None]
-    if kind == "opposed":
-        signs = torch.tensor([(-1.0) ** i for i in range(k)], dtype=torch.float64)
-        sizes = torch.linspace(1.0, 2.0, k, dtype=torch.float64)
-        out = (signs * sizes)[:, None] * base[0] + 0.05 * base
-        if k >= 2:
-            assert float(torch.cosine_similarity(out[0], out[1], dim=0)) < -0.9
-        return out
-    if kind == "zero_row":
-        base[0] = 0.0
-        return base
-    if kind == "duplicates":
-        base[1 % k] = base[0]
-        if k >= 5:
-            base[3] = base[2]
-            base[4] = base[2]
-        return base
-    if kind == "norms":
-        return base * torch.logspace(-4, 4, k, dtype=torch.float64)[:, None]
-    return base
+    return zoo_jacobian(kind, k, p=P, seed=1000 * k + seed)
 
 
 def _build(name: str, k: int) -> torch.nn.Module:

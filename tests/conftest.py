@@ -42,3 +42,6 @@ def tiny_yaml(tmp_path: Path, tiny_raw: dict[str, Any]) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_raw))
     return path
+
+# run folders written by an earlier version, and the script that wrote them (not tests)
+collect_ignore_glob = ["fixtures/*"]

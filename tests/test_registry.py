@@ -10,14 +10,14 @@ from polytask.registry import Registry
 
 
 def test_unknown_name_lists_known_ones() -> None:
-    reg: Registry = Registry("widget")
+    reg: Registry = Registry("widget", listed=False)
     reg.register("a", "first")(lambda: 1)
     with pytest.raises(UnknownNameError, match="unknown widget 'b'; known: a"):
         reg.get("b")
 
 
 def test_check_params_reports_unknown_and_missing() -> None:
-    reg: Registry = Registry("widget")
+    reg: Registry = Registry("widget", listed=False)
 
     @reg.register("w")
     def build(size: int, *, color: str = "red") -> None:
@@ -30,7 +30,7 @@ def test_check_params_reports_unknown_and_missing() -> None:
 
 
 def test_duplicate_registration_fails() -> None:
-    reg: Registry = Registry("widget")
+    reg: Registry = Registry("widget", listed=False)
     reg.register("a")(lambda: 1)
     with pytest.raises(ValueError, match="registered twice"):
         reg.register("a")(lambda: 2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class PolytaskError(Exception):
     """Base class of every error polytask raises on purpose (bad input, not a bug)."""
@@ -24,3 +26,17 @@ class UnknownNameError(PolytaskError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+def unknown_name(kind: str, names: str | Iterable[str], known: Iterable[str]) -> str:
+    """The one message for names that are not among the known ones.
+
+    >>> unknown_name("task", ["x", "y"], ["b", "a"])
+    "unknown task(s) 'x', 'y'; known: a, b"
+    >>> unknown_name("sampler", "zipf", ["uniform"])
+    "unknown sampler 'zipf'; known: uniform"
+    """
+    listed = ", ".join(sorted(known)) or "none"
+    if isinstance(names, str):
+        return f"unknown {kind} {names!r}; known: {listed}"
+    return f"unknown {kind}(s) {', '.join(repr(n) for n in names)}; known: {listed}"

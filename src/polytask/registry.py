@@ -1,12 +1,18 @@
 """Registries: everything a YAML file can name (method, architecture, encoder, dataset, ...).
 
-Each entry is a builder (a class or a function) registered under a short name with a one-line
-description. ``Registry.get`` fails with the list of known names, and
-``Registry.check_params`` names unknown or missing keyword arguments before anything is built.
+Each entry is a builder (a class or a function) registered with the ``@registry.register(name)``
+decorator under a short name, with a one-line description (the first line of its docstring unless
+given). ``Registry.get`` fails with the list of known names, and ``Registry.check_params`` names
+unknown or missing keyword arguments before anything is built. The arguments polytask itself
+passes to every builder of a registry (the tasks, the input shape...) are declared once, as the
+registry's ``provided``; the rest of a builder's signature is what a YAML file may set.
+
+Every registry is listed in one catalogue (``registries()``), from which ``polytask methods`` and
+the documentation are built.
 
 Example:
     >>> from polytask.registry import Registry
-    >>> shapes = Registry("shape")
+    >>> shapes = Registry("shape", listed=False)
     >>> @shapes.register("square", "a square of side ``side``")
     ... def square(side: float = 1.0) -> float:
     ...     return side * side
@@ -21,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from polytask.errors import UnknownNameError
+from polytask.errors import UnknownNameError, unknown_name
 
 T = TypeVar("T", bound=Callable[..., Any])
 
@@ -35,12 +41,28 @@ class RegistryEntry:
     builder: Callable[..., Any]
 
 
-class Registry(Generic[T]):
-    """A name → builder map for one kind of component (``kind`` is used in error messages)."""
+_CATALOGUE: dict[str, Registry[Any]] = {}
 
-    def __init__(self, kind: str) -> None:
+
+class Registry(Generic[T]):
+    """A name → builder map for one kind of component.
+
+    Args:
+        kind: what the entries are, as error messages and listings name it ("encoder").
+        provided: the arguments polytask passes to every builder itself; they are not YAML
+            parameters.
+        listed: add the registry to the catalogue of ``registries()`` (False for a private or
+            throw-away registry).
+    """
+
+    def __init__(self, kind: str, *, provided: tuple[str, ...] = (), listed: bool = True) -> None:
         self.kind = kind
+        self.provided = provided
         self._entries: dict[str, RegistryEntry] = {}
+        if listed:
+            if kind in _CATALOGUE:
+                raise ValueError(f"a registry of {kind!r} is listed already")
+            _CATALOGUE[kind] = self
 
     def register(self, name: str, description: str | None = None) -> Callable[[T], T]:
         """Decorator registering ``builder`` under ``name``; the description defaults to the
@@ -61,9 +83,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name].builder  # type: ignore[return-value]
         except KeyError:
-            raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._entries))}"
-            ) from None
+            raise UnknownNameError(unknown_name(self.kind, name, self._entries)) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -76,16 +96,13 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
     def parameters(self, name: str) -> dict[str, inspect.Parameter]:
-        """Keyword parameters the user may set in YAML for ``name`` (its constructor signature,
-        minus the arguments polytask itself passes, which start with no default and are listed in
-        the builder's ``__provided__``)."""
-        builder = self.get(name)
-        provided = set(getattr(builder, "__provided__", ()))
-        sig = inspect.signature(builder)
+        """Keyword parameters the user may set in YAML for ``name``: its signature minus the
+        registry's ``provided`` arguments."""
+        sig = inspect.signature(self.get(name))
         return {
             p.name: p
             for p in sig.parameters.values()
-            if p.name not in provided
+            if p.name not in self.provided
             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
             and p.name != "self"
         }
@@ -109,8 +126,8 @@ class Registry(Generic[T]):
         return problems
 
 
-def describe(registries: Mapping[str, Registry[Any]]) -> Iterator[tuple[str, RegistryEntry]]:
-    """(registry kind, entry) for every entry of every registry, for listings."""
-    for kind, registry in registries.items():
-        for entry in registry:
-            yield kind, entry
+def registries() -> dict[str, Registry[Any]]:
+    """Every registry created so far, by kind, in creation order. A registry exists once the
+    module defining it is imported (``polytask.balancing``, ``polytask.models``,
+    ``polytask.data``...)."""
+    return dict(_CATALOGUE)

@@ -38,7 +38,7 @@ from polytask.errors import ConfigError
 from polytask.registry import Registry
 from polytask.tasks import TaskSpec
 
-BALANCERS: Registry = Registry("balancing method")
+BALANCERS: Registry = Registry("balancing method", provided=("tasks",))
 
 
 @dataclass
@@ -81,7 +81,6 @@ class Balancer(nn.Module):
     parameters) and ``needs_features`` (gradients with respect to the shared representation).
     """
 
-    __provided__ = ("tasks",)
     needs_shared_params: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
     #: under DDP, the method reduces gradients itself (the loop runs it under ``no_sync``)

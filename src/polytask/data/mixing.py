@@ -44,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -136,7 +137,7 @@ def _power_probabilities(sizes: Sequence[int], alpha: float) -> np.ndarray:
     return weights / weights.sum()
 
 
-SAMPLERS: Registry[Callable[..., Sampler]] = Registry("sampler")
+SAMPLERS: Registry[Callable[..., Sampler]] = Registry("sampler", provided=("weights",))
 
 
 @SAMPLERS.register("proportional", "p ∝ dataset size: every training sample equally often")
@@ -238,7 +239,6 @@ class FixedSampler(Sampler):
     """
 
     name = "fixed"
-    __provided__ = ("weights",)
 
     def __init__(self, weights: Sequence[float] | Mapping[str, float]) -> None:
         if weights is None:
@@ -304,7 +304,8 @@ def build_sampler(
     if problems:
         raise ConfigError("; ".join(problems))
     builder = SAMPLERS.get(name)
-    provided = {"weights": weights} if "weights" in getattr(builder, "__provided__", ()) else {}
+    takes_weights = "weights" in inspect.signature(builder).parameters
+    provided = {"weights": weights} if takes_weights else {}
     return builder(**(params or {}), **provided)
 
 

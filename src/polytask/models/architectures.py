@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from polytask.registry import Registry
 from polytask.tasks import TaskSpec
 
-ARCHITECTURES: Registry = Registry("architecture")
+ARCHITECTURES: Registry = Registry(
+    "architecture", provided=("tasks", "make_encoder", "make_head")
+)
 
 EncoderFactory = Callable[[], nn.Module]
 HeadFactory = Callable[[TaskSpec, int], nn.Module]
@@ -70,7 +72,6 @@ class HardSharing(MultiTaskModel):
         (torch.Size([5]), torch.Size([5, 3]), torch.Size([5, 8]))
     """
 
-    __provided__ = ("tasks", "make_encoder", "make_head")
 
     def __init__(
         self, *, tasks: Sequence[TaskSpec], make_encoder: EncoderFactory, make_head: HeadFactory

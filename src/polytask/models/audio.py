@@ -85,7 +85,6 @@ class AudioCNNEncoder(nn.Module):
         torch.Size([3, 16])
     """
 
-    __provided__ = ("input_shape",)
     accepts_block_spec = True
 
     def __init__(

@@ -180,7 +180,6 @@ class CrossStitch(MultiTaskModel):
         (torch.Size([5]), torch.Size([5, 3]), None, 2)
     """
 
-    __provided__ = ("tasks", "make_encoder", "make_head")
 
     def __init__(
         self,

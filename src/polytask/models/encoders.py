@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from polytask.errors import ConfigError
 from polytask.registry import Registry
 
-ENCODERS: Registry = Registry("encoder")
+ENCODERS: Registry = Registry("encoder", provided=("input_shape",))
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -67,7 +67,6 @@ class MLPEncoder(nn.Module):
         torch.Size([2, 4])
     """
 
-    __provided__ = ("input_shape",)
 
     def __init__(
         self,
@@ -113,7 +112,6 @@ class CNNEncoder(nn.Module):
         torch.Size([2, 32])
     """
 
-    __provided__ = ("input_shape",)
 
     def __init__(
         self,
@@ -177,7 +175,6 @@ class ResNetEncoder(nn.Module):
         torch.Size([2, 16])
     """
 
-    __provided__ = ("input_shape",)
 
     def __init__(
         self,

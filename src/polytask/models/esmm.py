@@ -71,7 +71,6 @@ class ESMM(MultiTaskModel):
         True
     """
 
-    __provided__ = ("tasks", "make_encoder", "make_head")
 
     def __init__(
         self,

@@ -52,7 +52,7 @@ __all__ = [
     "smooth_step",
 ]
 
-GATES: Registry = Registry("gate")
+GATES: Registry = Registry("gate", provided=("in_features", "num_experts"))
 
 GateFactory = Callable[[int, int], nn.Module]
 
@@ -190,7 +190,6 @@ class SoftmaxGate(nn.Module):
         (torch.Size([2, 3]), True, None)
     """
 
-    __provided__ = ("in_features", "num_experts")
 
     def __init__(self, in_features: int, num_experts: int) -> None:
         super().__init__()
@@ -248,7 +247,6 @@ class DSelectKGate(nn.Module):
         (torch.Size([3, 5]), True)
     """
 
-    __provided__ = ("in_features", "num_experts")
 
     codes: Tensor
     code_to_expert: Tensor
@@ -339,7 +337,6 @@ class MMoE(MultiTaskModel):
         torch.Size([5, 3])
     """
 
-    __provided__ = ("tasks", "make_encoder", "make_head")
 
     def __init__(
         self,
@@ -483,7 +480,6 @@ class PLE(MultiTaskModel):
         (torch.Size([5]), torch.Size([5, 3]), 2)
     """
 
-    __provided__ = ("tasks", "make_encoder", "make_head")
     _owner = "ple"
 
     def __init__(

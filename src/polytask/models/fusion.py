@@ -192,7 +192,6 @@ class FusionEncoder(nn.Module):
         torch.Size([5, 6])
     """
 
-    __provided__ = ("input_shape",)
 
     def __init__(
         self,
@@ -355,7 +354,6 @@ class AugmentedEncoder(nn.Module):
         torch.Size([3, 128])
     """
 
-    __provided__ = ("input_shape",)
     accepts_block_spec = True
 
     def __init__(

@@ -14,13 +14,12 @@ from polytask.models.encoders import mlp_layers
 from polytask.registry import Registry
 from polytask.tasks import TaskSpec
 
-HEADS: Registry = Registry("head")
+HEADS: Registry = Registry("head", provided=("in_features", "task"))
 
 
 class TaskHead(nn.Module):
     """Optional hidden layers, then a linear layer of ``task.output_dim`` units."""
 
-    __provided__ = ("in_features", "task")
 
     def __init__(
         self,
@@ -48,7 +47,6 @@ def linear_head(in_features: int, task: TaskSpec) -> TaskHead:
     return TaskHead(in_features, task)
 
 
-linear_head.__provided__ = ("in_features", "task")  # type: ignore[attr-defined]
 
 
 @HEADS.register("mlp", "hidden layers then a linear layer, per task")
@@ -64,4 +62,3 @@ def mlp_head(
     return TaskHead(in_features, task, hidden=hidden, dropout=dropout, activation=activation)
 
 
-mlp_head.__provided__ = ("in_features", "task")  # type: ignore[attr-defined]

@@ -127,7 +127,6 @@ class MTAN(MultiTaskModel):
         (torch.Size([3]), torch.Size([3, 88]), 2)
     """
 
-    __provided__ = ("tasks", "make_encoder", "make_head")
 
     def __init__(
         self,

@@ -217,7 +217,6 @@ class TabularEncoder(nn.Module):
         (torch.Size([5, 8]), torch.Size([5, 14]), 14)
     """
 
-    __provided__ = ("input_shape",)
 
     def __init__(
         self,

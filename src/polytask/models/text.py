@@ -65,7 +65,6 @@ class TransformerTextEncoder(nn.Module):
         (torch.Size([2, 16]), 0.0)
     """
 
-    __provided__ = ("input_shape",)
     accepts_block_spec = True
 
     def __init__(
@@ -309,7 +308,6 @@ class MiniLMEncoder(nn.Module):
     whole model (use a small learning rate).
     """
 
-    __provided__ = ("input_shape",)
     accepts_block_spec = True
 
     def __init__(

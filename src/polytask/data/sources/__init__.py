@@ -1,7 +1,7 @@
 """Datasets a run configuration can name: built-in sources (nothing is downloaded) and ``file``.
 
-Every builder takes keyword-only arguments, among them ``seed`` (passed by polytask and listed
-in its ``__provided__``), and returns a ``MultiLabelTable``.
+Every builder takes keyword-only arguments, among them ``seed`` (passed by polytask: the
+registry's ``provided``), and returns a ``MultiLabelTable``.
 
 Example:
     >>> from polytask.data.sources import DATASETS
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from polytask.data.multilabel import MultiLabelTable
 from polytask.registry import Registry
 
-DATASETS: Registry[Callable[..., MultiLabelTable]] = Registry("dataset")
+DATASETS: Registry[Callable[..., MultiLabelTable]] = Registry("dataset", provided=("seed",))
 
 # the modules register their builders on import
 from polytask.data.sources import digits, file, modalities, recsys, river_data, synthetic  # noqa: E402

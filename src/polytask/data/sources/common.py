@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import numpy as np
 
 from polytask.errors import ConfigError
 from polytask.tasks import TaskSpec
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 #: random stream reserved for ``hide_labels`` (builders use small stream numbers for their data)
 HIDE_STREAM = 1_000
-
-
-def provides_seed(builder: F) -> F:
-    """Mark ``builder``'s ``seed`` argument as passed by polytask, not set in YAML."""
-    builder.__provided__ = ("seed",)  # type: ignore[attr-defined]
-    return builder
 
 
 def rng_for(seed: int, stream: int) -> np.random.Generator:

@@ -9,7 +9,7 @@ import numpy as np
 
 from polytask.data.multilabel import MultiLabelTable
 from polytask.data.sources import DATASETS
-from polytask.data.sources.common import hide_labels, provides_seed, rng_for
+from polytask.data.sources.common import hide_labels, rng_for
 from polytask.errors import ConfigError
 from polytask.tasks import TaskSpec
 
@@ -109,7 +109,6 @@ def make_digit_pairs(
 
 
 @DATASETS.register("multi-digits", "MultiMNIST-style pairs of overlapping digits (4 tasks)")
-@provides_seed
 def multi_digits(
     *,
     seed: int,

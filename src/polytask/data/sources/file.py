@@ -8,11 +8,9 @@ from typing import Any
 from polytask.data.files import read_frame, table_from_frame, tasks_from_dicts
 from polytask.data.multilabel import MultiLabelTable
 from polytask.data.sources import DATASETS
-from polytask.data.sources.common import provides_seed
 
 
 @DATASETS.register("file", "your own CSV or Parquet file: feature columns and label columns")
-@provides_seed
 def user_file(
     *,
     seed: int,

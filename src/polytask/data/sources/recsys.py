@@ -15,7 +15,7 @@ import numpy as np
 
 from polytask.data.multilabel import MultiLabelTable
 from polytask.data.sources import DATASETS
-from polytask.data.sources.common import provides_seed, rng_for
+from polytask.data.sources.common import rng_for
 from polytask.errors import ConfigError
 from polytask.tasks import TaskSpec
 
@@ -137,7 +137,6 @@ def generate_log(
 
 
 @DATASETS.register("recsys-synthetic", "impression log: click and click→conversion (generated)")
-@provides_seed
 def recsys_synthetic(
     *,
     seed: int,

@@ -11,7 +11,7 @@ import pandas as pd
 
 from polytask.data.multilabel import MultiLabelTable
 from polytask.data.sources import DATASETS
-from polytask.data.sources.common import hide_labels, provides_seed, sanitize
+from polytask.data.sources.common import hide_labels, sanitize
 from polytask.errors import ConfigError, DataError
 from polytask.tasks import TaskSpec
 
@@ -33,7 +33,6 @@ def river_file(filename: str, dataset: str) -> Path:
 
 
 @DATASETS.register("yeast", "Yeast gene functions: 103 features, 14 labels (real, from river)")
-@provides_seed
 def yeast(*, seed: int, as_tasks: str = "binary", missing_fraction: float = 0.0) -> MultiLabelTable:
     """The Yeast multi-label data set: 2,417 genes, 103 expression/phylogenetic features and 14
     functional classes. ``as_tasks="binary"`` gives 14 binary tasks ``class1..class14``;
@@ -65,7 +64,6 @@ def yeast(*, seed: int, as_tasks: str = "binary", missing_fraction: float = 0.0)
 
 
 @DATASETS.register("solar-flare", "Solar Flare: 3 flare counts from 10 categorical features (real)")
-@provides_seed
 def solar_flare(*, seed: int, missing_fraction: float = 0.0) -> MultiLabelTable:
     """The Solar Flare data set (1,066 active regions): every one of the 10 categorical
     attributes one-hot encoded (features ``column=value``), and three regression tasks, the

@@ -9,7 +9,7 @@ import numpy as np
 
 from polytask.data.multilabel import MultiLabelTable
 from polytask.data.sources import DATASETS
-from polytask.data.sources.common import hide_labels, provides_seed, rng_for
+from polytask.data.sources.common import hide_labels, rng_for
 from polytask.errors import ConfigError
 from polytask.tasks import TaskSpec
 
@@ -66,7 +66,6 @@ def mmoe_parameters(
 
 
 @DATASETS.register("mmoe-synthetic", "synthetic regression tasks of tunable correlation (MMoE)")
-@provides_seed
 def mmoe_synthetic(
     *,
     seed: int,

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from polytask.balancing import BALANCERS, LossWeighting  # noqa: E402
-from polytask.balancing.gradient import (  # noqa: E402
+from polytask.balancing.engine import (  # noqa: E402
     GradientAggregator,
     GramianWeightingAggregator,
 )

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from polytask.balancing import BALANCERS, EqualWeighting, UncertaintyWeighting
-from polytask.balancing.gradient import GramianWeightingAggregator
+from polytask.balancing import BALANCERS, EqualWeighting, UncertaintyWeighting, build_balancer
+from polytask.balancing.engine import GramianWeightingAggregator
+from polytask.errors import ConfigError
 from polytask.models import build_model
 from polytask.tasks import TaskSpec
 
@@ -77,7 +78,7 @@ def test_uncertainty_state_round_trip() -> None:
 
 
 class _Mean(GramianWeightingAggregator):
-    def weights_from_gramian(self, gramian, losses):
+    def weights_from_gramian(self, gramian, losses, rows=None):
         k = gramian.shape[0]
         return torch.full((k,), 1.0 / k, dtype=gramian.dtype)
 
@@ -117,3 +118,36 @@ def test_gradient_aggregator_drops_absent_tasks_and_reuses_weights() -> None:
     # (the initial 1) instead of being frozen at 0 until the next recomputation
     assert reused.weights.tolist() == [1.0, 1.0]
     assert int(agg.steps) == 2
+
+
+def test_grad_scale_multiplies_the_gradients_not_the_weights() -> None:
+    """``grad_scale`` (fp16 loss scale / accumulated micro-batches) scales every written
+    gradient, the balancer's own included, while the method sees the unscaled losses."""
+    runs = []
+    for scale in (1.0, 8.0):
+        model, x, y = _batch()
+        u = UncertaintyWeighting(TASKS, init_log_var=0.3)
+        _, losses = _losses(model, x, y)
+        result = u.backward(losses, grad_scale=scale)
+        runs.append((result, [p.grad.clone() for p in [*model.parameters(), u.log_vars]]))
+    (plain, grads), (scaled, scaled_grads) = runs
+    assert torch.equal(plain.weights, scaled.weights) and torch.equal(plain.loss, scaled.loss)
+    for g, s in zip(grads, scaled_grads, strict=True):
+        torch.testing.assert_close(s, 8.0 * g)
+
+
+def test_a_method_without_grad_scale_refuses_anything_but_one() -> None:
+    w = torch.nn.Parameter(torch.tensor([[2.0, 5.0]]))
+    gradnorm = BALANCERS.get("gradnorm")(["a", "b"])
+    assert not gradnorm.supports_grad_scale and not hasattr(gradnorm, "set_grad_scale")
+    with pytest.raises(ConfigError, match="does not support fp16 loss scaling"):
+        gradnorm.backward(torch.stack([3 * w[0, 0], w[0, 1]]), shared_params=[w], grad_scale=2.0)
+    gradnorm.backward(torch.stack([3 * w[0, 0], w[0, 1]]), shared_params=[w], grad_scale=1.0)
+
+
+def test_log_losses_passes_grad_scale_to_the_inner_balancer() -> None:
+    wrapped = build_balancer("equal", ["a", "b"], log_losses=True)
+    assert wrapped.supports_grad_scale
+    x = torch.tensor([2.0, 3.0], requires_grad=True)
+    wrapped.backward(torch.stack([x[0], 100 * x[1]]), grad_scale=4.0)
+    torch.testing.assert_close(x.grad, torch.tensor([4.0 / 2.0, 4.0 / 3.0]))

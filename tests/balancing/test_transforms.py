@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.balancing import BALANCERS, Balancer, EqualWeighting, UncertaintyWeighting
-from polytask.balancing.gradient import GramianWeightingAggregator
+from polytask.balancing.engine import GramianWeightingAggregator
 from polytask.balancing.transforms import LogLosses, build_balancer, log_transform
 from polytask.balancing.weighting import RandomLossWeighting
 from polytask.errors import ConfigError, UnknownNameError
@@ -33,7 +33,9 @@ def _one_thread() -> Iterator[None]:
 class UnitNormGradients(GramianWeightingAggregator):
     """A tiny Gramian weighting for the tests: w_k = 1 / ||g_k|| (sums unit-norm gradients)."""
 
-    def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def weights_from_gramian(
+        self, gramian: Tensor, losses: Tensor, rows: Tensor | None = None
+    ) -> Tensor:
         return 1.0 / gramian.diagonal().clamp_min(1e-24).sqrt()
 
 

@@ -1,4 +1,5 @@
-"""One shared helper for the per-method test files: real training steps on a tiny model.
+"""Shared helpers of the balancing tests: real training steps on a tiny model, and the Jacobians
+(a zoo of shapes) that the aggregation and solver tests run over.
 
 Imported by the test modules of this folder (pytest puts the folder on ``sys.path``; the name
 does not start with ``test_``, so it is not collected).
@@ -87,3 +88,29 @@ def zoo_jacobian(kind: str, k: int, *, p: int, seed: int) -> Tensor:
     if kind == "norms":
         return base * torch.logspace(-4, 4, k, dtype=torch.float64)[:, None]
     return base
+
+
+def solver_jacobian(kind: str, k: int, p: int, seed: int) -> Tensor:
+    """Random Jacobians for the solvers' tests, plus the degenerate shapes the solvers must
+    survive (``kind`` one of ``random``, ``duplicates``, ``scales``, ``opposed``, ``low_rank``)."""
+    gen = torch.Generator().manual_seed(seed)
+    j = torch.randn(k, p, generator=gen, dtype=torch.float64)
+    if kind == "duplicates" and k >= 3:
+        j[1] = j[0]
+        j[2] = 0.0
+    elif kind == "scales":
+        j = j * torch.logspace(-4, 4, k, dtype=torch.float64)[:, None]
+    elif kind == "opposed":
+        j[1] = -0.95 * j[0] + 0.05 * j[1]
+    elif kind == "low_rank":
+        j = j[:, :2] @ torch.randn(2, p, generator=gen, dtype=torch.float64)
+    return j
+
+
+#: (kind, K, seed) of the solvers' tests
+SOLVER_CASES = [
+    (kind, k, seed)
+    for kind in ["random", "duplicates", "scales", "opposed", "low_rank"]
+    for k in (2, 3, 7, 40)
+    for seed in (0, 1)
+]

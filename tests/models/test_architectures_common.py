@@ -115,7 +115,9 @@ def task_losses(model: MultiTaskModel, x: Tensor, y: dict[str, Tensor]) -> dict[
 class MeanWeighting(GramianWeightingAggregator):
     """Every present task weighted 1/K: the update is the gradient of the mean loss."""
 
-    def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def weights_from_gramian(
+        self, gramian: Tensor, losses: Tensor, rows: Tensor | None = None
+    ) -> Tensor:
         k = gramian.shape[0]
         return torch.full((k,), 1.0 / k, dtype=gramian.dtype, device=gramian.device)
 

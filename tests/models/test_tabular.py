@@ -164,7 +164,9 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 class MeanWeighting(GramianWeightingAggregator):
     """Every task weighted 1/K: the shared update is the gradient of the mean loss."""
 
-    def weights_from_gramian(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def weights_from_gramian(
+        self, gramian: Tensor, losses: Tensor, rows: Tensor | None = None
+    ) -> Tensor:
         k = gramian.shape[0]
         return torch.full((k,), 1.0 / k, dtype=gramian.dtype, device=gramian.device)
 

@@ -4,9 +4,9 @@ Every method is registered in ``BALANCERS`` and built as
 ``BALANCERS.get(name)(tasks, **params)``.
 """
 
-from polytask.balancing import aggregators
+from polytask.balancing import aggregation
 from polytask.balancing.base import BALANCERS, Balancer, BalanceResult, LossWeighting
-from polytask.balancing.gradient import GradientAggregator, GramianWeightingAggregator
+from polytask.balancing.engine import GradientAggregator, GramianWeightingAggregator
 from polytask.balancing.reduce import Reducer
 from polytask.balancing.transforms import LogLosses, build_balancer, log_transform
 from polytask.balancing.weighting import (
@@ -37,7 +37,7 @@ __all__ = [
     "RandomLossWeighting",
     "Reducer",
     "UncertaintyWeighting",
-    "aggregators",
+    "aggregation",
     "build_balancer",
     "log_transform",
 ]

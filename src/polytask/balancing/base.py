@@ -73,6 +73,16 @@ def stack_losses(
     return vector
 
 
+def present_mask(vector: Tensor, present: Tensor | None) -> Tensor:
+    """``present``, or every task present (a bool vector like ``vector``) when ``None``."""
+    return torch.ones_like(vector, dtype=torch.bool) if present is None else present
+
+
+def is_unit(scale: Tensor | float) -> bool:
+    """Whether ``scale`` is the float 1.0 (no scaling: a tensor always counts as a scale)."""
+    return isinstance(scale, float) and scale == 1.0
+
+
 class Balancer(nn.Module):
     """Base class of every balancing method.
 
@@ -95,18 +105,15 @@ class Balancer(nn.Module):
         self.tasks = list(tasks)
         self.task_names = task_names(tasks)
         self.reducer: Reducer | None = None
-        self.grad_scale: Tensor | float = 1.0
 
-    def set_grad_scale(self, scale: Tensor | float) -> None:
-        """Multiply every gradient this balancer writes by ``scale`` without changing the loss
-        values its method sees: the fp16 loss scale divided by the number of accumulated
-        micro-batches. Only methods with ``supports_grad_scale`` honour it."""
-        if not self.supports_grad_scale and not (isinstance(scale, float) and scale == 1.0):
+    def check_grad_scale(self, grad_scale: Tensor | float) -> None:
+        """Raise ``ConfigError`` when ``grad_scale`` is not the float 1.0 and the method does not
+        declare ``supports_grad_scale`` (every ``backward`` calls it first)."""
+        if not self.supports_grad_scale and not is_unit(grad_scale):
             raise ConfigError(
                 f"{type(self).__name__} does not support fp16 loss scaling or gradient "
                 "accumulation; use precision bf16/fp32 and accumulate_steps 1"
             )
-        self.grad_scale = scale
 
     def distribute(self, reducer: Reducer | None) -> None:
         """Run under data parallelism: ``reducer`` averages over processes (see
@@ -130,9 +137,13 @@ class Balancer(nn.Module):
         shared_params: Sequence[Tensor] | None = None,
         features: Tensor | None = None,
         present: Tensor | None = None,
+        grad_scale: Tensor | float = 1.0,
     ) -> BalanceResult:
         """Fill ``.grad`` from ``losses``; ``present`` (bool ``[K]``) marks the tasks that had a
-        labelled sample this step (all of them when ``None``)."""
+        labelled sample this step (all of them when ``None``). Every gradient written is
+        multiplied by ``grad_scale`` (the fp16 loss scale divided by the number of accumulated
+        micro-batches) while the method sees the unscaled loss values; methods without
+        ``supports_grad_scale`` accept only 1.0."""
         raise NotImplementedError
 
 
@@ -152,18 +163,20 @@ class LossWeighting(Balancer):
         shared_params: Sequence[Tensor] | None = None,
         features: Tensor | None = None,
         present: Tensor | None = None,
+        grad_scale: Tensor | float = 1.0,
     ) -> BalanceResult:
+        self.check_grad_scale(grad_scale)
         vector = stack_losses(self.task_names, losses)
-        if present is None:
-            present = torch.ones_like(vector, dtype=torch.bool)
+        present = present_mask(vector, present)
         if self.reducer is None:
             total, weights = self.combine(vector, present)
-            scale = self.grad_scale
-            (total if isinstance(scale, float) and scale == 1.0 else total * scale).backward()
+            (total if is_unit(grad_scale) else total * grad_scale).backward()
             return BalanceResult(weights=weights.detach(), loss=total.detach())
-        return self._distributed_backward(vector, present)
+        return self._distributed_backward(vector, present, grad_scale)
 
-    def _distributed_backward(self, vector: Tensor, present: Tensor) -> BalanceResult:
+    def _distributed_backward(
+        self, vector: Tensor, present: Tensor, grad_scale: Tensor | float
+    ) -> BalanceResult:
         """Linearise the combination at the global loss values: every process evaluates
         ``combine`` on the same (averaged) values, takes ``∂total/∂L_k`` as the weights, and
         back-propagates ``Σ_k ∂total/∂L_k · L_k^local``; DDP's average of those gradients is the
@@ -175,9 +188,9 @@ class LossWeighting(Balancer):
         own = [p for p in self.parameters() if p.requires_grad]
         grads = torch.autograd.grad(total, [values, *own], allow_unused=True)
         d_values = grads[0] if grads[0] is not None else torch.zeros_like(values)
-        ((d_values.detach() * vector).sum() * self.grad_scale).backward()
+        ((d_values.detach() * vector).sum() * grad_scale).backward()
         for p, g in zip(own, grads[1:], strict=True):
             if g is not None:
-                g = g * self.grad_scale
+                g = g * grad_scale
                 p.grad = g if p.grad is None else p.grad + g
         return BalanceResult(weights=weights.detach(), loss=total.detach())

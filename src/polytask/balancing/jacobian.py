@@ -86,6 +86,36 @@ def flatten_jacobian(blocks: Sequence[Tensor | None], inputs: Sequence[Tensor], 
     return torch.cat(parts, dim=1)
 
 
+def unscaled_jacobian(
+    scaled_losses: Tensor,
+    inputs: Sequence[Tensor],
+    scale: Tensor | float,
+    *,
+    dtype: torch.dtype | None = None,
+    retain_graph: bool = False,
+) -> Tensor:
+    """The K×P Jacobian of ``scaled_losses / scale``: the losses are differentiated as given
+    (multiplied by the fp16 loss scale, so small gradients do not underflow) and the result is
+    divided by ``scale`` in ``dtype`` (default: float32 or wider).
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> unscaled_jacobian(torch.stack([(w ** 2).sum(), 3 * w[0]]) * 8.0, [w], 8.0)
+        tensor([[2., 4.],
+                [3., 0.]])
+    """
+    k = scaled_losses.numel()
+    blocks = task_jacobian(scaled_losses, inputs, retain_graph=retain_graph)
+    jacobian = flatten_jacobian(blocks, inputs, k)
+    if dtype is not None:
+        jacobian = jacobian.to(dtype)
+    elif jacobian.dtype not in (torch.float32, torch.float64):
+        jacobian = jacobian.float()
+    if not (isinstance(scale, float) and scale == 1.0):
+        jacobian = jacobian / scale
+    return jacobian
+
+
 def gramian(jacobian: Tensor) -> Tensor:
     """``J Jᵀ`` computed in float32 or wider (the Gramian of the task gradients)."""
     j = jacobian if jacobian.dtype in (torch.float32, torch.float64) else jacobian.float()

@@ -25,7 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polytask.balancing.base import BALANCERS, Balancer, BalanceResult, stack_losses
+from polytask.balancing.base import (
+    BALANCERS,
+    Balancer,
+    BalanceResult,
+    present_mask,
+    stack_losses,
+)
 from polytask.errors import ConfigError
 from polytask.tasks import TaskSpec
 
@@ -52,9 +58,10 @@ class LogLosses(Balancer):
     ``∇L_k / (L_k + eps)``). Balancers that declare ``requires_positive_losses`` (they take
     ratios or logs of the losses: DWA, GLS, GradNorm, IMTL-L, FAMO) are refused with a
     ``ConfigError``. Absent tasks stay exactly 0.
-    ``shared_params``, ``features`` and ``present`` are passed through; ``needs_shared_params``,
-    ``needs_features`` and ``attach`` are the inner balancer's; the inner balancer is a
-    submodule, so ``parameters()`` and ``state_dict()`` (keys prefixed ``inner.``) hold its own.
+    ``shared_params``, ``features``, ``present`` and ``grad_scale`` are passed through;
+    ``needs_shared_params``, ``needs_features``, ``supports_grad_scale`` and ``attach`` are the
+    inner balancer's; the inner balancer is a submodule, so ``parameters()`` and
+    ``state_dict()`` (keys prefixed ``inner.``) hold its own.
     The result is the inner balancer's (its ``loss`` is the combined log-loss).
 
     Example:
@@ -82,12 +89,10 @@ class LogLosses(Balancer):
         self.eps = float(eps)
         self.needs_shared_params = inner.needs_shared_params  # type: ignore[misc]
         self.needs_features = inner.needs_features  # type: ignore[misc]
+        self.supports_grad_scale = inner.supports_grad_scale  # type: ignore[misc]
 
     def attach(self, model: nn.Module) -> None:
         self.inner.attach(model)
-
-    def set_grad_scale(self, scale: Tensor | float) -> None:
-        self.inner.set_grad_scale(scale)
 
     def backward(
         self,
@@ -96,15 +101,16 @@ class LogLosses(Balancer):
         shared_params: Sequence[Tensor] | None = None,
         features: Tensor | None = None,
         present: Tensor | None = None,
+        grad_scale: Tensor | float = 1.0,
     ) -> BalanceResult:
         vector = stack_losses(self.task_names, losses)
-        if present is None:
-            present = torch.ones_like(vector, dtype=torch.bool)
+        present = present_mask(vector, present)
         return self.inner.backward(
             log_transform(vector, present, self.eps),
             shared_params=shared_params,
             features=features,
             present=present,
+            grad_scale=grad_scale,
         )
 
 

@@ -1,0 +1,109 @@
+"""CAGrad: the update that maximises the worst task's improvement near the average gradient."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from polytask.balancing.base import BALANCERS
+from polytask.balancing.engine import GramianWeightingAggregator, Level
+from polytask.balancing.solvers.conflict_averse import conflict_averse_simplex
+from polytask.errors import ConfigError
+from polytask.tasks import TaskSpec
+
+RESCALES = (0, 1, 2)
+
+
+def cagrad_weights(gramian: Tensor, *, c: float, rescale: int = 1) -> Tensor:
+    """The CAGrad weights ``1/K + λ w`` (divided by the rescale factor) from the Gramian.
+
+    ``w = argmin_{w ∈ Δ} <g_0, g_w> + √φ ||g_w||`` (``conflict_averse_simplex``), with
+    ``φ = c² ||g_0||²``, ``g_0 = mean_i g_i``, ``||g_0||² = mean(G)``, and
+    ``λ = √φ / ||g_w||``. Where the optimal ``g_w`` vanishes (``||g_w|| <= 1e-6 · √mean(diag G)``:
+    0 is in the convex hull and the worst-case improvement is 0, e.g. with a zero gradient)
+    the maximiser is not unique and ``λ = 0`` is used (``d = g_0``; the authors' code divides
+    by ``||g_w|| + 1e-8`` there, which is unstable).
+
+    Example:
+        >>> cagrad_weights(torch.eye(2), c=0.0, rescale=0)   # c = 0: the mean gradient
+        tensor([0.5000, 0.5000])
+    """
+    k = gramian.shape[0]
+    g = gramian.detach().to("cpu", torch.float64)
+    beta = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    radius = c * math.sqrt(max(float(g.mean()), 0.0))
+    w = conflict_averse_simplex(g, center=beta, radius=radius)
+    gw_norm = math.sqrt(max(float(w @ g @ w), 0.0))
+    floor = 1e-6 * math.sqrt(max(float(g.diagonal().mean()), 0.0))
+    lam = radius / gw_norm if gw_norm > floor else 0.0
+    weights = beta + lam * w
+    if rescale == 1:
+        weights = weights / (1.0 + c * c)
+    elif rescale == 2:
+        weights = weights / (1.0 + c)
+    return weights.to(device=gramian.device, dtype=gramian.dtype)
+
+
+@BALANCERS.register(
+    "cagrad",
+    "conflict-averse gradient descent, worst-case improvement near the mean gradient "
+    "(Liu, Liu, Jin, Stone & Liu, NeurIPS 2021)",
+)
+class CAGrad(GramianWeightingAggregator):
+    """CAGrad (Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task
+    Learning", NeurIPS 2021).
+
+    The update maximises the worst local improvement of any task within a ball around the
+    average gradient ``g_0``:
+
+        ``max_d min_i <g_i, d>``  subject to  ``||d - g_0|| <= c ||g_0||``,
+
+    solved through its dual over the simplex, ``w = argmin_{w ∈ Δ} g_wᵀ g_0 + √φ ||g_w||``
+    with ``g_w = Σ w_i g_i`` and ``φ = c² ||g_0||²``; then ``d = g_0 + (√φ / ||g_w||) g_w``.
+    Everything is a function of the Gramian, so this is a Gramian weighting: the weights are
+    ``1/K + (√φ / ||g_w||) w``. The dual is solved exactly (``conflict_averse_simplex``: a
+    convex one-dimensional search over minimum-norm problems, not the paper's SLSQP), on the
+    CPU in float64 (moves the K×K Gramian to the host).
+
+    Args:
+        c: the radius of the ball, relative to ``||g_0||`` (``c = 0`` is the mean gradient).
+        rescale: as in the authors' code, divide ``d`` by ``1 + c²`` (1), ``1 + c`` (2) or
+            nothing (0).
+
+    Example:
+        >>> J = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # symmetric: w = (1/2, 1/2)
+        >>> update, weights = CAGrad(["a", "b"], c=0.5, rescale=0).aggregate(J, torch.ones(2))
+        >>> update   # g0 = (0.5, 0.5); d = g0 + 0.5 |g0| g0 / |g0| = 1.5 g0
+        tensor([0.7500, 0.7500])
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec | str],
+        *,
+        c: float = 0.4,
+        rescale: int = 1,
+        level: Level = "parameters",
+        update_every: int = 1,
+    ) -> None:
+        super().__init__(tasks, level=level, update_every=update_every)
+        if not (c >= 0.0 and math.isfinite(c)):
+            raise ConfigError(f"c must be a finite number >= 0, found {c}")
+        if rescale not in RESCALES:
+            raise ConfigError(f"rescale must be one of {RESCALES}, found {rescale!r}")
+        self.c = float(c)
+        self.rescale = int(rescale)
+
+    def weights_from_gramian(
+        self, gramian: Tensor, losses: Tensor, rows: Tensor | None = None
+    ) -> Tensor:
+        return cagrad_weights(gramian, c=self.c, rescale=self.rescale)
+
+    def extra_repr(self) -> str:
+        return f"c={self.c}, rescale={self.rescale}, level={self.level!r}"
+
+
+__all__ = ["RESCALES", "CAGrad", "cagrad_weights"]

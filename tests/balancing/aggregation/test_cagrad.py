@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from guarantees import _cagrad_value
 from tiny_steps import tiny_steps
 from torch import Tensor
 
@@ -113,8 +114,26 @@ def test_zero_gradient_stays_finite() -> None:
     j = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [2.0, 1.0, 1.0]])
     update, weights = CAGrad(["a", "b", "c"]).aggregate(j, torch.ones(3))
     assert torch.isfinite(update).all() and torch.isfinite(weights).all()
-    # 0 is in the hull and the worst task cannot improve: d = g0 / (1 + c²)
-    torch.testing.assert_close(update, j.mean(0) / 1.16)
+    # the zero gradient's improvement is 0 whatever d; the others are served as without it:
+    # min_i <g_i, d'> is the exact optimum (d' = (1 + c²) d, in the ball around g0)
+    d = update.double() * 1.16
+    g0 = j.double().mean(0)
+    assert float((d - g0).norm()) <= 0.4 * float(g0.norm()) * (1 + 1e-12)
+    exact = _cagrad_value(j.double().numpy(), 0.4)
+    assert float((j.double() @ d).min()) == pytest.approx(exact, abs=1e-6)
+
+
+@pytest.mark.parametrize("order", [1.0, -1.0])
+def test_norms_spanning_eight_orders_get_the_constrained_optimum(order: float) -> None:
+    # before: the floor on ||g_w|| (1e-6 · rms norm) made this the plain mean (weights 1/K)
+    gen = torch.Generator().manual_seed(3)
+    j = torch.randn(4, 20, generator=gen, dtype=torch.float64)
+    j = j / j.norm(dim=1, keepdim=True) * torch.logspace(-4 * order, 4 * order, 4)[:, None]
+    update, weights = CAGrad(list("abcd")).aggregate(j, torch.ones(4))
+    assert not torch.allclose(weights * 1.16, torch.full((4,), 0.25, dtype=torch.float64))
+    exact = _cagrad_value(j.numpy(), 0.4)
+    got = float((j @ (update * 1.16)).min())
+    assert got == pytest.approx(exact, rel=1e-9)
 
 
 @pytest.mark.parametrize("params", [{}, {"c": 0.8, "rescale": 0}, {"update_every": 3}])

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from polytask.balancing.base import BALANCERS
 from polytask.balancing.engine import GramianWeightingAggregator, Level
+from polytask.balancing.solvers._gramian import to_numpy, to_torch
 from polytask.errors import ConfigError
 from polytask.tasks import TaskSpec
 
@@ -17,15 +19,45 @@ ScaleMode = Literal["min", "median", "rmse"]
 SCALE_MODES: tuple[str, ...] = ("min", "median", "rmse")
 
 
-def aligned_mtl_matrix(gramian: Tensor, scale_mode: ScaleMode = "min") -> Tensor:
-    """The K×K alignment matrix ``B = σ · V Λ^{-1/2} Vᵀ`` of the Gramian ``G = V Λ Vᵀ``.
+def _factor(g: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(U, S)`` with ``G = U S² Uᵀ`` over the numerical rank, every singular value to high
+    relative accuracy: ``G = N C N`` (``N`` the gradient norms, ``C`` the cosine matrix, well
+    scaled), ``C ≈ M Mᵀ`` from its eigenpairs above ``K · eps · max`` (the rank is decided on
+    ``C``, so a small gradient is not mistaken for rounding noise), and the row-scaled factor
+    ``F = N M`` goes through LAPACK's preconditioned Jacobi SVD (``dgejsv``, row pivoting), which
+    is accurate for row-scaled matrices where an eigen-decomposition of ``G`` is not."""
+    from scipy.linalg import lapack  # lazy: SciPy is only needed here and in the solvers
 
-    Eigenvalues at or below ``max(λ) · K · eps`` (the machine epsilon of the Gramian's dtype, as
-    in the authors' code) are dropped: ``V`` and ``Λ`` keep the R positive ones. ``σ²`` is the
-    smallest kept eigenvalue (``min``), their median (``median``, the lower one for an even
-    count, as ``torch.median``) or their mean (``rmse``). The aligned gradients ``Bᵀ J`` (rows
-    ``Σ_j B_ji g_j``) have Gramian ``B G B = σ² V Vᵀ``: every non-zero singular value equals σ.
-    All-zero Gramian: zeros. Computed in float64, on the Gramian's device, without host sync.
+    n = np.sqrt(np.clip(np.diag(g), 0.0, None))
+    cos = g / np.outer(n, n)
+    theta, q = np.linalg.eigh(0.5 * (cos + cos.T))
+    keep = theta > g.shape[0] * eps * theta.max()
+    factor = n[:, None] * (q[:, keep] * np.sqrt(theta[keep]))  # G ≈ F Fᵀ, K×R
+    k, r = factor.shape
+    # U is the right singular basis of the column-scaled Fᵀ (padded square): the vectors that
+    # dgejsv computes accurately for column-scaled matrices
+    padded = np.zeros((k, k))
+    padded[:r] = factor.T
+    sva, _, v, work, _, info = lapack.dgejsv(np.asfortranarray(padded), joba=1, jobu=3)
+    if info != 0:  # LAPACK refused: fall back to the plain SVD
+        u, s, _ = np.linalg.svd(factor, full_matrices=False)
+        return u, s
+    return v[:, :r], (sva * work[0] / work[1])[:r]
+
+
+def aligned_mtl_matrix(gramian: Tensor, scale_mode: ScaleMode = "min") -> Tensor:
+    """The K×K alignment matrix ``B = σ · U S⁻¹ Uᵀ`` of the Gramian ``G = U S² Uᵀ``.
+
+    ``U`` and ``S`` keep the numerical rank R of the gradients, decided scale-free on their
+    cosine matrix (eigenvalues above ``K · eps · max``, eps of the Gramian's dtype), and are
+    computed to high relative accuracy even when the gradient norms span 1e-4 … 1e4 (``_factor``:
+    an eigen-decomposition of such a ``G``, whose eigenvalues span 16 orders of magnitude, loses
+    the small ones). ``σ²`` is the smallest kept eigenvalue ``S²`` (``min``), their median
+    (``median``, the lower one for an even count, as ``torch.median``) or their mean (``rmse``).
+    The aligned gradients ``Bᵀ J`` (rows ``Σ_j B_ji g_j``) have Gramian ``B G B = σ² U Uᵀ``:
+    every non-zero singular value equals σ. Zero gradients get zero rows and columns; an
+    all-zero Gramian gives zeros. Computed in float64 NumPy on the CPU (moves the K×K Gramian
+    to the host).
 
     Example:
         >>> aligned_mtl_matrix(torch.diag(torch.tensor([1.0, 4.0])))  # gradients of norms 1, 2
@@ -35,27 +67,20 @@ def aligned_mtl_matrix(gramian: Tensor, scale_mode: ScaleMode = "min") -> Tensor
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"scale_mode must be one of {SCALE_MODES}, found {scale_mode!r}")
     k = gramian.shape[0]
-    eps = torch.finfo(gramian.dtype).eps
-    g = gramian.to(torch.float64)
-    g = 0.5 * (g + g.T)
-    values, vectors = torch.linalg.eigh(g)
-    tol = values.max().clamp_min(0.0) * k * eps
-    keep = values > tol
-    safe = torch.where(keep, values, torch.ones_like(values))
-    inv_sqrt = torch.where(keep, safe.rsqrt(), torch.zeros_like(values))
-    if scale_mode == "min":
-        sigma2 = torch.where(keep, values, torch.full_like(values, torch.inf)).min()
-    elif scale_mode == "median":
-        # lower median of the kept eigenvalues: sort them first, the dropped ones (as +inf) last
-        ordered = torch.sort(torch.where(keep, values, torch.full_like(values, torch.inf))).values
-        count = keep.sum()
-        index = ((count - 1).clamp_min(0) // 2).reshape(1)
-        sigma2 = ordered.gather(0, index).squeeze(0)
-    else:
-        sigma2 = torch.where(keep, values, torch.zeros_like(values)).sum() / keep.sum().clamp_min(1)
-    sigma2 = torch.where(keep.any(), sigma2, torch.zeros_like(sigma2))
-    matrix = (vectors * inv_sqrt) @ vectors.T * sigma2.sqrt()
-    return matrix.to(gramian.dtype)
+    g = to_numpy(gramian)
+    live = np.diag(g) > 0.0
+    matrix = np.zeros((k, k))
+    if live.any():
+        u, s = _factor(g[np.ix_(live, live)], float(torch.finfo(gramian.dtype).eps))
+        values = np.sort(s * s)
+        if scale_mode == "min":
+            sigma2 = values[0]
+        elif scale_mode == "median":
+            sigma2 = values[(values.size - 1) // 2]
+        else:
+            sigma2 = values.mean()
+        matrix[np.ix_(live, live)] = (u / s) @ u.T * np.sqrt(sigma2)
+    return to_torch(matrix, gramian)
 
 
 @BALANCERS.register(
@@ -80,6 +105,15 @@ class AlignedMTL(GramianWeightingAggregator):
     of ``B``). (torchjd's port averages them instead: its update is this one divided by K.)
     When every task's gradient is the same ``g``, ``B = 11ᵀ/K`` and the update is ``K g``, the
     plain sum.
+
+    Numerical guarantee (``scale_mode="min"``): the update is ``σ 1ᵀ U Vᵀ`` for the SVD ``J = U
+    S Vᵀ`` over the numerical rank (the sum of aligned gradients whose singular values all equal
+    ``σ = min S``), to ``100·K·√P·eps·κ·σ√R`` (κ: condition number of the gradients' cosine
+    matrix, R the rank, √P the rounding of ``J Jᵀ``), on gradient norms from 1e-4 to 1e4 in one
+    matrix, zero, duplicated and near-opposite gradients, K from 2 to 10, P up to 1000, float32
+    and float64 (``tests/balancing/aggregation/test_numerical_guarantees.py``). Before, the
+    eigen-decomposition of ``G`` (eigenvalues spanning 16 orders of magnitude) lost the small
+    eigenpairs: the rank cut dropped them or their vectors were wrong.
 
     Args:
         tasks: the tasks, in the order of the losses.

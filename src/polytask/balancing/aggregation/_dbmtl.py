@@ -49,6 +49,11 @@ class DBMTL(GradientAggregator):
     size) with every batch. Tasks absent from a step keep their EMA and take no part in the max.
     LibMTL's command line defaults ``beta_sigma`` to 0 (a constant β).
 
+    Numerical guarantee: ``d = Σ_i (max_j ||ĝ_j|| / ||ĝ_i||) ĝ_i`` over the non-zero EMAs, to
+    ``20·K²·eps·max_j ||ĝ_j||``, on gradient norms from 1e-4 to 1e4 in one matrix, zero,
+    duplicated and near-opposite gradients, K from 2 to 10, P up to 1000, float32 and float64
+    (``tests/balancing/aggregation/test_numerical_guarantees.py``).
+
     Args:
         tasks: the tasks, in the order of the losses.
         beta: the EMA factor β (in [0, 1)).

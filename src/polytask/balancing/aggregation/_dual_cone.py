@@ -38,7 +38,8 @@ class DualConeProjection(GramianWeightingAggregator):
     Args:
         pref_vector: one non-negative weight per task (``None``: ``1/K`` over present tasks).
         norm_eps: below this squared Frobenius norm, J counts as zero.
-        reg_eps: the ridge added to the normalised Gramian.
+        reg_eps: a ridge added to the normalised Gramian (default 0: exact; torchjd's 1e-4
+            gives a unique, stable solution for singular ``G`` but allows conflicts).
     """
 
     pref_vector: Tensor
@@ -49,7 +50,7 @@ class DualConeProjection(GramianWeightingAggregator):
         *,
         pref_vector: Sequence[float] | None = None,
         norm_eps: float = 1e-4,
-        reg_eps: float = 1e-4,
+        reg_eps: float = 0.0,
         level: Level = "parameters",
         update_every: int = 1,
     ) -> None:

@@ -47,6 +47,16 @@ class FairGrad(GramianWeightingAggregator):
     of magnitude, the equation is extremely ill-conditioned and the solver returns its best
     finite positive iterate.
 
+    Numerical guarantee: ``w > 0`` and ``max_i |w_i^(1/α) (G w)_i − 1| <= 1e-10`` for the
+    Gramian given (float64 solve) whenever the equation has a solution; at ``α = 1`` it is held
+    on gradient norms from 1e-4 to 1e4 in one matrix, zero, duplicated and near-opposite
+    gradients, K from 2 to 10, P up to 1000, float32 and float64, before and after clipping, to
+    ``1e-9 + 50·K·eps·w_i‖g_i‖ Σ_k w_k‖g_k‖`` against the exact Gramian
+    (``tests/balancing/aggregation/test_numerical_guarantees.py``). It cannot hold for a zero
+    gradient or exactly opposed gradients (below). The ridge used to be added always, leaving
+    residuals of 1e-8 relative (up to 3e-5 with near-opposite gradients); it is now added only
+    when Newton cannot solve the equation on ``G``.
+
     Args:
         tasks: the tasks, in the order of the losses.
         alpha: the fairness parameter (> 0); 1 is proportional fairness.

@@ -93,6 +93,12 @@ class GradDrop(GradientAggregator):
     ``(seed, n)``; the counter ``n`` is a buffer (``draws``), so ``load_state_dict`` resumes the
     same stream (reading it is one host synchronisation per step). CPU and CUDA streams differ.
 
+    Numerical guarantee (``leak=0``): every coordinate is exactly ``Σ_i max(g_ip, 0)`` or ``Σ_i
+    min(g_ip, 0)``, the one the seeded draw and the purity pick (draws within 1e-5 of the purity
+    aside), to ``K·eps·Σ_i |g_ip|``, on gradient norms from 1e-4 to 1e4 in one matrix, zero,
+    duplicated and near-opposite gradients, K from 2 to 10, P up to 1000, float32 and float64
+    (``tests/balancing/aggregation/test_numerical_guarantees.py``).
+
     Args:
         tasks: the tasks, in the order of the losses.
         leak: fraction of the plain sum blended in, in [0, 1].

@@ -77,6 +77,12 @@ class IMTLG(GramianWeightingAggregator):
     cases (the paper inverts ``D Uᵀ``); zero gradients get weight 0. The K×K system is solved
     in float64 on the CPU (moves the Gramian to the host).
 
+    Numerical guarantee: ``Σ α = 1`` and the projections ``<d, g_i / ||g_i||>`` are equal for
+    every non-zero gradient, to ``100·K·eps·Σ|α_k| ||g_k||``, on gradient norms from 1e-4 to 1e4
+    in one matrix, zero, duplicated and near-opposite gradients, K from 2 to 10, P up to 1000,
+    float32 and float64 (``tests/balancing/aggregation/test_numerical_guarantees.py``). A zero
+    gradient has no direction: weight 0, outside the condition.
+
     Example:
         >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
         >>> update, weights = IMTLG(["a", "b"]).aggregate(J, torch.ones(2))

@@ -67,6 +67,15 @@ class MGDA(GramianWeightingAggregator):
     the Jacobian is taken with respect to the shared representation and the resulting weights
     are back-propagated through the encoder; ``mgda_ub`` is registered with that default.
 
+    Numerical guarantee (``normalization="none"``): ``w`` is on the simplex and ``<g_i, d> >=
+    ||d||²`` for every task (the KKT conditions of the min-norm point), to
+    ``20·K·eps·||g_i||·Σ_k w_k ||g_k||`` (eps of the Jacobian's dtype), on gradient norms from
+    1e-4 to 1e4 in one matrix, zero, duplicated and near-opposite gradients, K from 2 to 10, P
+    up to 1000, float32 and float64
+    (``tests/balancing/aggregation/test_numerical_guarantees.py``). (Before, K = 2 computed the
+    small weight as ``1 − w1``: with norms 1e-4 and 1e4 it lost every digit, up to 1.7e6 times
+    that tolerance; now it has its own formula.)
+
     Example:
         >>> J = torch.tensor([[1.0, 0.0], [0.0, 2.0]])   # G = diag(1, 4): w1 = 4 / 5
         >>> update, weights = MGDA(["a", "b"]).aggregate(J, torch.ones(2))
@@ -110,6 +119,8 @@ class MGDAUB(MGDA):
     by default — the min-norm problem is solved on the gradients of the losses with respect to
     the shared representation ``Z`` (an upper bound of the parameter-level objective), one
     backward through the heads instead of a per-task backward through the encoder.
+
+    Numerical guarantee: ``MGDA``'s, for the feature-level Jacobian it is given.
 
     Example:
         >>> MGDAUB(["a", "b"]).level

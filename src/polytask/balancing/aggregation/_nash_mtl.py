@@ -35,10 +35,19 @@ class NashMTL(GramianWeightingAggregator):
     ``optim_niter`` bounds the Newton iterations (it converges in well under 20 on every Gramian
     we tried); SciPy's ``least_squares`` polishes the rare iterate that has not converged.
 
-    Scaling, as in the authors' code: ``α`` is the solution for the normalised ``G / ‖G‖_F``.
-    When ``G`` is scaled by ``s`` the solution of the raw equation scales by ``1/√s``, so the
-    reported ``α`` is ``√‖G‖_F`` times the solution of ``G α = 1/α``, and the update's norm
-    (``√(K ‖G‖_F)`` before clipping) scales like the gradients, as an ordinary gradient does.
+    Scaling, as in the authors' code: they solve on ``G / ‖G‖_F`` for conditioning, but their
+    constraint ``−log(α_i ‖G‖_F) − log((G α / ‖G‖_F)_i) <= 0`` is the equation on the raw ``G``,
+    and so is ``α`` here. At the solution ``‖αᵀJ‖² = αᵀGα = Σ_i α_i (Gα)_i = K``: the unclipped
+    update has norm ``√K`` whatever the scale of the gradients (``α`` scales like ``1/‖g‖``).
+
+    Numerical guarantee: ``α > 0`` and ``max_i |α_i (G α)_i − 1| <= 1e-10`` for the Gramian the
+    method is given (float64 solve), whenever the equation has a solution — gradient norms from
+    1e-4 to 1e4 in one matrix, duplicated and near-opposite gradients included. Measured against
+    the exact Gramian of a float32 Jacobian it holds to ``1e-9 + 50·K·eps·α_i‖g_i‖ Σ_k
+    α_k‖g_k‖`` (eps of the dtype: the float32 Gramian's rounding). It cannot hold where the
+    equation has no solution: a zero gradient, or exactly opposed gradients (see below).
+    ``tests/balancing/aggregation/test_numerical_guarantees.py`` holds it on the hard zoo,
+    before clipping and after (the clipped weights are ``f·α``).
 
     ``max_norm > 0`` clips the norm of the shared-parameter update to ``max_norm``, as the
     authors' ``clip_grad_norm_(shared_parameters, max_norm)`` after the backward does: on steps
@@ -48,9 +57,9 @@ class NashMTL(GramianWeightingAggregator):
     ``level="features"`` the clipping applies to the feature-level update on recompute steps).
     ``max_norm <= 0`` disables clipping.
 
-    Singular Gramians have no exact solution when a non-negative combination of the gradients
-    vanishes (exactly opposed gradients); the equation is then solved for
-    ``G + 1e-8·Diag(G)`` (a relative ridge), which gives large but finite weights. A task whose
+    Gramians with no exact solution (a non-negative combination of the gradients vanishes:
+    exactly opposed gradients) are solved for ``G + 1e-8·Diag(G)`` (a relative ridge, only
+    then), which gives large but finite weights. A task whose
     gradient is zero would need an infinite weight: it gets the largest weight of the others
     (its gradient is zero, so this step's update does not depend on it).
 
@@ -66,9 +75,9 @@ class NashMTL(GramianWeightingAggregator):
         >>> agg = NashMTL(["a", "b"], max_norm=0.0)
         >>> jacobian = torch.tensor([[3.0, 0.0], [0.0, 4.0]])  # orthogonal, norms 3 and 4
         >>> update, weights = agg.aggregate(jacobian, torch.ones(2))
-        >>> # raw solution (1/3, 1/4), times √‖G‖_F = (9² + 16²)^{1/4} = 337^{1/4} ≈ 4.2846
-        >>> [round(w, 4) for w in weights.tolist()]
-        [1.4282, 1.0711]
+        >>> # α_i ‖g_i‖² α_i = 1: α = (1/3, 1/4), the update (1, 1) has norm √K = √2
+        >>> [round(w, 4) for w in weights.tolist()], update.tolist()
+        ([0.3333, 0.25], [1.0, 1.0])
     """
 
     def __init__(
@@ -90,7 +99,6 @@ class NashMTL(GramianWeightingAggregator):
         self, gramian: Tensor, losses: Tensor, rows: Tensor | None = None
     ) -> Tensor:
         g = gramian.detach().to("cpu", torch.float64)
-        raw = torch.from_numpy(solve_power_bargaining(g, 1.0, max_iter=self.optim_niter))
-        alpha = raw * torch.linalg.matrix_norm(g).sqrt()  # the solution for G / ‖G‖_F
+        alpha = torch.from_numpy(solve_power_bargaining(g, 1.0, max_iter=self.optim_niter))
         alpha = clip_weights(alpha, g, self.max_norm)
         return alpha.to(device=gramian.device, dtype=gramian.dtype)

@@ -76,6 +76,94 @@ def _conflict_averse_np(
     return min(candidates, key=objective)
 
 
+def _face_solution(
+    cos: np.ndarray, a: np.ndarray, delta: np.ndarray, radius: float, face: list[int]
+) -> tuple[float, np.ndarray] | None:
+    """On the face ``face`` of the simplex, in the scaled variables ``y = ||g|| ⊙ w``: the
+    stationary point of ``aᵀy + s √(yᵀCy)`` on ``δᵀy = 1`` (``C`` the cosine matrix, ``a_i =
+    <u_i, g_0>``, ``δ = 1/||g||``, ``s`` the radius) solves ``(s/r) C y = λδ − a`` with
+    ``r = ||g_w||``, so ``(s/r) y = λp − q`` (``p = C⁻¹δ``, ``q = C⁻¹a``) and ``λ`` is a root of
+    ``(λδ − a)ᵀ C⁻¹ (λδ − a) = s²`` with ``λ δᵀp − δᵀq = s/r > 0``. Returns ``(λ, λp − q)``
+    (the root of smaller objective), or ``None`` when the face has no such point."""
+    c, d, b = cos[np.ix_(face, face)], delta[face], a[face]
+    try:
+        p, q = np.linalg.solve(c, d), np.linalg.solve(c, b)
+    except np.linalg.LinAlgError:
+        return None
+    qa, qb, qc = float(d @ p), -2.0 * float(d @ q), float(b @ q) - radius * radius
+    disc = qb * qb - 4.0 * qa * qc
+    if not (qa > 0.0 and disc >= 0.0):
+        return None
+    best: tuple[float, np.ndarray] | None = None
+    best_value = math.inf
+    for lam in ((-qb + math.sqrt(disc)) / (2 * qa), (-qb - math.sqrt(disc)) / (2 * qa)):
+        ratio = lam * float(d @ p) - float(d @ q)  # s / r
+        if not ratio > 0.0:
+            continue
+        z = lam * p - q  # (s / r) y
+        value = float(b @ z) / ratio + radius * radius / ratio  # aᵀy + s r
+        if value < best_value:
+            best, best_value = (lam, z), value
+    return best
+
+
+def _independent(cos: np.ndarray, face: list[int], i: int, tol: float) -> bool:
+    """Whether gradient ``i`` is not (numerically) a combination of those of ``face``."""
+    if not face:
+        return True
+    row = cos[np.ix_(face, [i])][:, 0]
+    try:
+        pivot = 1.0 - float(row @ np.linalg.solve(cos[np.ix_(face, face)], row))
+    except np.linalg.LinAlgError:
+        return False
+    return pivot > tol
+
+
+def conflict_averse_ascent(
+    g: np.ndarray, beta: np.ndarray, radius: float, start: np.ndarray, *, dep_tol: float
+) -> np.ndarray | None:
+    """CAGrad's update coefficients ``(s / ||g_w||) w`` exactly, by a primal active-set method
+    on the faces of the simplex started from the support of ``start`` (an approximate ``w``):
+    each face is solved in closed form (``_face_solution``), a variable leaving the simplex is
+    dropped, a violated multiplier ``μ_i = a_i + (C z)_i − λδ_i < 0`` brings its task in.
+    Without dividing by ``||g_w||`` (computed from ``G`` it would lose its digits to
+    cancellation when the gradient norms span orders of magnitude). Zero gradients get 0;
+    ``None`` when no face with ``||g_w|| > 0`` is optimal (0 in the hull: exactly opposed
+    gradients)."""
+    n = np.sqrt(np.clip(np.diag(g), 0.0, None))
+    live = np.flatnonzero(n > 0.0)
+    if live.size == 0 or not radius > 0.0:
+        return None
+    nl = n[live]
+    cos = g[np.ix_(live, live)] / np.outer(nl, nl)
+    a, delta = (g[live] @ beta) / nl, 1.0 / nl
+    face: list[int] = []
+    for i in np.argsort(-start[live] * nl):
+        if start[live][i] > 0.0 and _independent(cos, face, int(i), dep_tol):
+            face.append(int(i))
+    if not face:  # start on the zero gradient: from the best vertex <g_i, g_0> + s ||g_i||
+        face.append(int(np.argmin(nl * (a + radius))))
+    for _ in range(4 * live.size + 4):
+        solved = _face_solution(cos, a, delta, radius, face) if face else None
+        if solved is None:
+            return None
+        lam, z = solved
+        if z.min() < 0.0:  # leave the simplex: drop the most negative
+            face.pop(int(np.argmin(z)))
+            continue
+        mu = a + cos[:, face] @ z - lam * delta
+        mu[face] = 0.0
+        entering = int(np.argmin(mu / (np.abs(a) + radius)))
+        if mu[entering] >= -1e-12 * (abs(a[entering]) + radius) or not _independent(
+            cos, face, entering, dep_tol
+        ):
+            out = np.zeros(g.shape[0])
+            out[live[face]] = z / nl[face]
+            return out
+        face.append(entering)
+    return None
+
+
 def conflict_averse_simplex(gramian: Tensor, *, center: Tensor, radius: float) -> Tensor:
     """``argmin_{w ∈ Δ} wᵀGβ + s·√(wᵀGw)`` with ``β = center`` and ``s = radius``: the dual
     problem of CAGrad (Liu et al., NeurIPS 2021), ``min_w <g_0, g_w> + s ||g_w||`` with

@@ -23,7 +23,11 @@ def min_norm_simplex_numpy(g: np.ndarray) -> np.ndarray:
         if denom <= 1e-15 * (g[0, 0] + g[1, 1]):
             return np.array([0.5, 0.5])
         w1 = float(np.clip((g[1, 1] - g[0, 1]) / denom, 0.0, 1.0))
-        return np.array([w1, 1.0 - w1])
+        if w1 <= 0.5:
+            return np.array([w1, 1.0 - w1])
+        # w2 is the small one: from its own formula, not 1 - w1, which would lose all its
+        # digits below eps (gradient norms 1e-4 and 1e4 give w2 ~ 1e-8)
+        return np.array([w1, float(np.clip((g[0, 0] - g[0, 1]) / denom, 0.0, 1.0))])
     return _min_norm_nnqp(g)
 
 

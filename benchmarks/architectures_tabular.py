@@ -15,7 +15,7 @@ of 16 units (64 in all); PLE has two extraction levels with one 16-unit expert p
 shared ones (with 14 tasks that is 16 experts: more parameters, see the table); ESMM shares the
 shared bottom's encoder; single-task trains one shared-bottom-shaped model per task (the
 ``evaluate.baselines`` of polytask). Every task has a tower (an ``mlp`` head with 8 units). Each
-run goes through ``polytask.recipe.train_from_config``; the tables use
+run goes through ``polytask.run.train_with_baselines``; the tables use
 ``polytask.evaluate.summarize_groups`` / ``comparison_markdown`` (the format of
 ``polytask compare --markdown``).
 
@@ -46,12 +46,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from polytask.config import RunConfig, config_to_dict, parse_config  # noqa: E402
-from polytask.data.multilabel import BatchLoader, DataBundle, split_indices  # noqa: E402
+from polytask.data.batches import BatchLoader  # noqa: E402
+from polytask.data.bundle import DataBundle, split_indices  # noqa: E402
 from polytask.data.preprocess import take_inputs  # noqa: E402
 from polytask.data.sources.recsys import generate_log  # noqa: E402
 from polytask.evaluate import comparison_markdown, summarize_groups  # noqa: E402
-from polytask.ranking import auc, group_codes, ranking_report  # noqa: E402
-from polytask.recipe import build_data, build_run_model, load_trained, train_from_config  # noqa: E402
+from polytask.evaluate.ranking import auc, group_codes, ranking_report  # noqa: E402
+from polytask.run import load_trained, train_with_baselines  # noqa: E402
+from polytask.run.build import build_model_for  # noqa: E402
+from polytask.run.data import build_data  # noqa: E402
 from polytask.tasks import TaskSpec  # noqa: E402
 
 TOWER = {"head": "mlp", "head_params": {"hidden": [8]}}
@@ -160,7 +163,7 @@ def step_costs(
     x, y = next(iter(loader))
 
     def trainer(config: RunConfig, tasks: list[TaskSpec]) -> tuple[int, Callable[[], None]]:
-        model, _ = build_run_model(config, tasks, bundle.input_shape)
+        model = build_model_for(config, tasks, bundle.input_shape)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -224,7 +227,7 @@ def selection_bias(seed: int, args: argparse.Namespace, output: Path, esmm_dir: 
     raw["data"]["params"]["cvr_task"] = True
     raw["data"]["tasks"] = ["cvr"]
     naive = parse_config(raw, source="naive cvr")
-    naive_run = train_from_config(naive)
+    naive_run = train_with_baselines(naive)
     bundle = build_data(naive)
     size = {"num_users": 1000, "num_items": 500, "num_categories": 20}
     log = generate_log(seed=seed, num_impressions=args.impressions, **size)
@@ -263,7 +266,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, output: Path) -> tuple[s
         for label in labels[1:]:
             config = recipe(dataset, label, seed, args, output)
             baselines = label == "shared-bottom"  # single-task models: the same recipe, per task
-            result = train_from_config(config, baselines=baselines)
+            result = train_with_baselines(config, baselines=baselines)
             bundle = bundle or build_data(config)
             first_bundle = first_bundle or bundle
             names = [t.name for t in result.tasks]

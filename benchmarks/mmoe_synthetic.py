@@ -11,7 +11,7 @@ the first level has 64 hidden units in all (one 64-unit bottom, 4 experts of 16,
 expert of 16 per task plus two shared ones, two levels) and every task has an 8-unit tower — for
 correlations 1.0, 0.9, 0.5 and 0.0, over ``--seeds`` seeds (the seed draws the data and the
 initialisation). The test loss is the mean over both tasks of the MSE on targets standardised
-with training statistics. Each run goes through ``polytask.recipe.train_from_config``.
+with training statistics. Each run goes through ``polytask.run.train_with_baselines``.
 
 Defaults (about 3 minutes on 2 CPU cores; 5 seeds take 5): 10,000 samples (70/15/15 split),
 batch 128, AdamW lr 3e-3 with a cosine schedule, 20 epochs with early stopping on the validation
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from polytask.config import parse_config  # noqa: E402
-from polytask.recipe import train_from_config  # noqa: E402
+from polytask.run import train_with_baselines  # noqa: E402
 
 LABELS = ("shared-bottom", "MMoE", "PLE")
 
@@ -130,11 +130,11 @@ def main() -> None:
             for label in LABELS:
                 for seed in range(args.seeds):
                     config = parse_config(run_config(label, correlation, seed, args, output))
-                    result = train_from_config(config)
+                    result = train_with_baselines(config)
                     loss = statistics.fmean(result.test[t.name]["loss"] for t in result.tasks)
                     losses.setdefault((label, correlation), []).append(loss)
                     if label not in params:
-                        from polytask.recipe import load_trained
+                        from polytask.run import load_trained
 
                         model = load_trained(result.run_dir).model
                         params[label] = sum(p.numel() for p in model.parameters())

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from polytask.balancing import build_balancer
-from polytask.data.multilabel import BatchLoader, MultiLabelDataset
+from polytask.data.batches import BatchLoader, MultiLabelDataset
 from polytask.models import build_model
+from polytask.runtime import Runtime
 from polytask.tasks import TaskSpec
 from polytask.train.trainer import Trainer
 
@@ -94,7 +95,7 @@ def trainer_loop(x, y, *, batch: int, epochs: int, device: torch.device) -> tupl
         train_batches=loader,
         val_batches=None,
         epochs=epochs,
-        device=device,
+        runtime=Runtime(device),
         progress=False,
     )
     sync(device)

@@ -42,10 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from polytask.config import parse_config  # noqa: E402
-from polytask.data.multilabel import MultiLabelTable  # noqa: E402
 from polytask.data.sources import DATASETS  # noqa: E402
 from polytask.data.sources.synthetic import mmoe_synthetic  # noqa: E402
-from polytask.recipe import train_from_config  # noqa: E402
+from polytask.data.table import MultiLabelTable  # noqa: E402
+from polytask.evaluate import mean_std  # noqa: E402
+from polytask.run import train_run  # noqa: E402
 
 #: (label, sampler section) of each compared configuration
 SAMPLERS: list[tuple[str, dict[str, Any]]] = [
@@ -88,7 +89,6 @@ def mmoe_synthetic_part(
     )
 
 
-mmoe_synthetic_part.__provided__ = ("seed",)  # type: ignore[attr-defined]
 if "mmoe-synthetic-part" not in DATASETS:
     DATASETS.register("mmoe-synthetic-part", "a slice of mmoe-synthetic with a fixed split")(
         mmoe_synthetic_part
@@ -157,15 +157,14 @@ def steps_per_epoch(args: argparse.Namespace) -> int:
     return -(-(args.large + args.small) // args.batch_size)
 
 
-def mean_std(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
+def spread(values: list[float]) -> str:
+    mean, std = mean_std(values)
     return f"{mean:.3f} ± {std:.3f}"
 
 
 def train_one(config: dict[str, Any]) -> dict[str, float]:
     """Train one run; its test metrics and t2's share of the last epoch's samples."""
-    result = train_from_config(parse_config(config))
+    result = train_run(parse_config(config))
     lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
     seen = json.loads(lines[-1])["seen"]
     out = {
@@ -188,11 +187,11 @@ def table(rows: list[str], results: dict[str, dict[str, list[float]]]) -> str:
     ]
     for label in rows:
         r = results[label]
-        t1 = mean_std(r["t1 r2"]) if "t1 r2" in r else "—"
+        t1 = spread(r["t1 r2"]) if "t1 r2" in r else "—"
         gain = [a - b for a, b in zip(r["t2 r2"], alone, strict=True)]
         share = statistics.fmean(r["share"])
         lines.append(
-            f"| {label} | {mean_std(r['t2 r2'])} | {mean_std(gain)} | {mean_std(r['t2 rmse'])} "
+            f"| {label} | {spread(r['t2 r2'])} | {spread(gain)} | {spread(r['t2 rmse'])} "
             f"| {t1} | {share:.3f} |"
         )
     return "\n".join(lines)

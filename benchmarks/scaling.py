@@ -27,17 +27,17 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from polytask.balancing import build_balancer
-    from polytask.data.multilabel import BatchLoader, MultiLabelDataset
-    from polytask.train.distributed import init_distributed, shutdown_distributed
+    from polytask.data.batches import BatchLoader, MultiLabelDataset
+    from polytask.runtime import Runtime, shutdown_distributed
     from polytask.train.trainer import Trainer
 
     sys.path.insert(0, str(Path(__file__).parent))
     import overhead
 
     torch.set_num_threads(args.threads)
-    ctx = init_distributed("cpu")
+    runtime = Runtime.start("cpu")
     x, y = overhead.make_data(args.samples, 256, torch.device("cpu"))
-    per_process = args.batch // ctx.world_size
+    per_process = args.batch // runtime.world_size
     model = overhead.make_model(256, torch.device("cpu"))
     balancer = build_balancer(args.method, overhead.TASKS)
     trainer = Trainer(
@@ -50,20 +50,19 @@ def worker(args: argparse.Namespace) -> None:
             MultiLabelDataset(x, y),
             per_process,
             shuffle=True,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
         ),
         val_batches=None,
         epochs=args.epochs,
-        device=torch.device("cpu"),
+        runtime=runtime,
         progress=False,
-        distributed=ctx,
     )
-    ctx.barrier()
+    runtime.barrier()
     start = time.perf_counter()
     trainer.fit()
     elapsed = time.perf_counter() - start
-    if ctx.is_main:
+    if runtime.is_main:
         Path(args.out).write_text(
             json.dumps({"samples_per_s": args.epochs * args.samples / elapsed})
         )

@@ -33,17 +33,17 @@ PACKAGE = "polytask"
 LAYERS: list[tuple[str, ...]] = [
     ("__main__",),
     ("cli",),
-    ("run",),
     ("serve", "analysis"),
+    ("run",),
     ("train",),
     ("runtime",),
     ("evaluate",),
     ("config",),
     ("models", "balancing", "data"),
-    ("tasks",),
+    ("__init__",),  # the package's own __init__: its version and re-exports of the layers below
+    ("tasks", "pretrained"),  # pretrained: where packaged pretrained models are (data and models)
     ("registry",),
     ("io", "errors"),
-    ("__init__",),  # the package's own __init__: version and re-exports of the bottom layers
 ]
 
 
@@ -58,8 +58,8 @@ class Module:
     functions: list[tuple[int, str, int]] = field(default_factory=list)  # (lines, name, line)
 
 
-def module_name(path: Path) -> tuple[str, bool]:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT) -> tuple[str, bool]:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     is_package = parts[-1] == "__init__"
     if is_package:
         parts = parts[:-1]
@@ -83,8 +83,8 @@ def _resolve(module: Module, node: ast.ImportFrom) -> str:
     return ".".join([*base, node.module] if node.module else base)
 
 
-def parse(path: Path, known: set[str]) -> Module:
-    name, is_package = module_name(path)
+def parse(path: Path, known: set[str], root: Path = ROOT) -> Module:
+    name, is_package = module_name(path, root)
     module = Module(name, path, is_package)
     tree = ast.parse(path.read_text(), filename=str(path))
 
@@ -100,9 +100,7 @@ def parse(path: Path, known: set[str]) -> Module:
                     continue
                 for alias in child.names:
                     sub = f"{target}.{alias.name}"
-                    module.imports.append(
-                        (sub if sub in known else target, child.lineno, eager)
-                    )
+                    module.imports.append((sub if sub in known else target, child.lineno, eager))
             elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
                 inner = f"{qualname}.{child.name}" if qualname else child.name
                 length = (child.end_lineno or child.lineno) - child.lineno + 1
@@ -116,13 +114,19 @@ def parse(path: Path, known: set[str]) -> Module:
                 visit(child, eager, qualname)
 
     visit(tree, True, "")
+    module.imports = list(dict.fromkeys(module.imports))
     return module
 
 
-def load() -> dict[str, Module]:
-    paths = sorted((ROOT / PACKAGE).rglob("*.py"))
-    known = {module_name(p)[0] for p in paths}
-    return {m.name: m for m in (parse(p, known) for p in paths)}
+def load(root: Path = ROOT) -> dict[str, Module]:
+    paths = sorted((root / PACKAGE).rglob("*.py"))
+    known = {module_name(p, root)[0] for p in paths}
+    return {m.name: m for m in (parse(p, known, root) for p in paths)}
+
+
+def _where(module: Module) -> str:
+    parts = module.path.parts
+    return "/".join(parts[parts.index(PACKAGE) - 1 :]) if PACKAGE in parts else str(module.path)
 
 
 def layer_of(name: str) -> tuple[int, str]:
@@ -137,7 +141,7 @@ def layer_of(name: str) -> tuple[int, str]:
 
 def unplaced(modules: dict[str, Module]) -> list[str]:
     return sorted(
-        f"{m.path.relative_to(ROOT.parent)}: {layer_of(m.name)[1]!r} is in no layer of LAYERS"
+        f"{_where(m)}: {layer_of(m.name)[1]!r} is in no layer of LAYERS"
         for m in modules.values()
         if layer_of(m.name)[0] < 0
     )
@@ -153,7 +157,7 @@ def upward_imports(modules: dict[str, Module]) -> list[str]:
                 continue
             kind = "a peer" if t_rank == rank else "an upper layer"
             problems.append(
-                f"{module.path.relative_to(ROOT.parent)}:{line}: {module.name} imports "
+                f"{_where(module)}:{line}: {module.name} imports "
                 f"{target} ({kind}: {top} -> {t_top})"
             )
     return problems
@@ -163,7 +167,9 @@ def eager_graph(modules: dict[str, Module]) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = defaultdict(set)
     for module in modules.values():
         own = module.name.split(".")
-        enclosing = {".".join(own[:i]) for i in range(1, len(own) + (1 if module.is_package else 0))}
+        enclosing = {
+            ".".join(own[:i]) for i in range(1, len(own) + (1 if module.is_package else 0))
+        }
         for target, _, eager in module.imports:
             if not eager:
                 continue
@@ -231,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 on any violation")
     parser.add_argument("--max-lines", type=int, default=80, help="longest function allowed")
     parser.add_argument("--top", type=int, default=10, help="longest functions to print")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the folder holding polytask/")
     args = parser.parse_args(argv)
-    modules = load()
+    modules = load(args.root)
 
     print("layers (top to bottom) and what each imports:")
     edges = layer_graph(modules)
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     functions = sorted(
         (
-            (length, f"{m.path.relative_to(ROOT.parent)}:{line} {qual}")
+            (length, f"{_where(m)}:{line} {qual}")
             for m in modules.values()
             for length, qual, line in m.functions
         ),

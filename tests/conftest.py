@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+
+# the balancing tests' shared helpers (tiny_steps.py, guarantees.py), imported by the test modules
+# of tests/balancing/ and its subfolders
+sys.path.insert(0, str(Path(__file__).parent / "balancing"))
 
 # Tiny tensors: one thread avoids oversubscribing small CI machines (5x faster here).
 torch.set_num_threads(1)
@@ -42,6 +47,7 @@ def tiny_yaml(tmp_path: Path, tiny_raw: dict[str, Any]) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_raw))
     return path
+
 
 # run folders written by an earlier version, and the script that wrote them (not tests)
 collect_ignore_glob = ["fixtures/*"]

@@ -13,23 +13,13 @@ import yaml
 from typer.testing import CliRunner
 
 from polytask.cli import app
-from polytask.data.audio import (
-    WaveformScaler,
-    hz_to_mel,
-    log_mel,
-    mel_filterbank,
-    mel_to_hz,
-    read_wav,
-    resample,
-    tone,
-    write_wav,
-)
-from polytask.data.multilabel import build_bundle
+from polytask.data.audio import WaveformScaler, read_wav, resample, tone, write_wav
+from polytask.data.bundle import build_bundle
 from polytask.data.sources import DATASETS
 from polytask.data.sources.modalities import make_speakers
 from polytask.errors import ConfigError, DataError
 from polytask.models import build_model
-from polytask.models.audio import AudioCNNEncoder
+from polytask.models.audio import AudioCNNEncoder, hz_to_mel, log_mel, mel_filterbank, mel_to_hz
 from polytask.tasks import TaskSpec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+import polytask.io
 from polytask.errors import CheckpointError
-from polytask.train import checkpoint
 from polytask.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -182,18 +183,31 @@ def _fail(*args: Any, **kwargs: Any) -> None:
     raise OSError("simulated crash")
 
 
-def _half_then_fail(file: Any, data: bytes) -> None:
-    file.write(data[: len(data) // 2])
-    file.flush()
-    raise OSError("No space left on device (simulated)")
+class _HalfThenFail:
+    """Stands for ``open`` in ``polytask.io``: the file it opens takes half of what is written,
+    then the disk is full."""
+
+    def __init__(self, path: Any, mode: str = "r") -> None:
+        self.file = open(path, mode)  # noqa: SIM115 - closed in __exit__
+
+    def __enter__(self) -> _HalfThenFail:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.file.close()
+
+    def write(self, data: bytes) -> int:
+        self.file.write(data[: len(data) // 2])
+        self.file.flush()
+        raise OSError("No space left on device (simulated)")
 
 
 @pytest.mark.parametrize(
     ("target", "name", "replacement"),
     [
         (safetensors.torch, "save", _fail),
-        (checkpoint, "_write_all", _half_then_fail),
-        (checkpoint.os, "replace", _fail),
+        (polytask.io, "open", _HalfThenFail),
+        (os, "replace", _fail),
     ],
     ids=["serialize", "write", "rename"],
 )
@@ -204,7 +218,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(
     save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
     before = path.read_bytes()
 
-    monkeypatch.setattr(target, name, replacement)
+    monkeypatch.setattr(target, name, replacement, raising=False)
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint(path, {"epoch": 2, "w": torch.zeros(1000)})
     monkeypatch.undo()

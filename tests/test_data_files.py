@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from polytask.data.bundle import build_bundle
 from polytask.data.files import (
     read_features,
     read_frame,
@@ -16,7 +17,6 @@ from polytask.data.files import (
     tasks_from_dicts,
     write_frame,
 )
-from polytask.data.multilabel import build_bundle
 from polytask.data.sources import DATASETS
 from polytask.errors import ConfigError, DataError
 from polytask.tasks import TaskSpec

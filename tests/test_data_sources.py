@@ -8,11 +8,12 @@ import time
 import numpy as np
 import pytest
 
-from polytask.data.multilabel import MultiLabelTable, build_bundle
+from polytask.data.bundle import build_bundle
 from polytask.data.sources import DATASETS, river_data
 from polytask.data.sources.common import hide_labels
 from polytask.data.sources.digits import DIGIT_SIDE, canvas_side, make_digit_pairs, split_pools
 from polytask.data.sources.synthetic import gram_factor, mmoe_parameters
+from polytask.data.table import MultiLabelTable
 from polytask.errors import ConfigError, DataError
 from polytask.tasks import TaskSpec
 
@@ -46,7 +47,7 @@ def test_registry_lists_every_source() -> None:
 @pytest.mark.parametrize("name", ["file", "mmoe-synthetic", "multi-digits", "solar-flare", "yeast"])
 def test_builder_contract(name: str) -> None:
     builder = DATASETS.get(name)
-    assert builder.__provided__ == ("seed",)  # type: ignore[attr-defined]
+    assert DATASETS.provided == ("seed",)
     doc = inspect.getdoc(builder) or ""
     assert name == "file" or "References:" in doc  # built-in sources cite their origin
     params = inspect.signature(builder).parameters

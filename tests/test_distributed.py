@@ -13,11 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from polytask.balancing import BALANCERS
-from polytask.data.multilabel import BatchLoader, MultiLabelDataset
+from polytask.data.batches import BatchLoader, MultiLabelDataset
 from polytask.models import build_model
+from polytask.runtime import DistributedContext, Runtime
 from polytask.tasks import TaskSpec
 from polytask.train.checkpoint import load_checkpoint, save_checkpoint
-from polytask.train.distributed import DistributedContext
 from polytask.train.trainer import Trainer
 
 TASKS = [
@@ -75,9 +75,8 @@ def _one_step(method: str, ctx: DistributedContext | None) -> dict[str, torch.Te
         train_batches=loader,
         val_batches=None,
         epochs=1,
-        device=torch.device("cpu"),
+        runtime=Runtime("cpu") if ctx is None else Runtime(distributed=ctx),
         progress=False,
-        distributed=ctx,
     )
     for _ in range(2):  # two steps: stateful methods use their state on the second
         for xb, yb in loader:

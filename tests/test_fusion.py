@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from polytask.cli import app
-from polytask.data.multilabel import build_bundle
+from polytask.data.bundle import build_bundle
 from polytask.data.sources import DATASETS
 from polytask.errors import ConfigError
 from polytask.models import build_model

@@ -13,11 +13,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from polytask.cli import app
-from polytask.data.images import ChannelNormalizer, ImageAugment, load_image
-from polytask.data.multilabel import build_bundle
+from polytask.data.bundle import build_bundle
+from polytask.data.images import ChannelNormalizer, load_image
 from polytask.data.sources import DATASETS
 from polytask.errors import ConfigError, DataError
 from polytask.models import build_model
+from polytask.models.augment import ImageAugment
 from polytask.models.encoders import CNNEncoder
 from polytask.models.fusion import AugmentedEncoder
 from polytask.tasks import TaskSpec
@@ -83,7 +84,7 @@ def test_image_folder_reads_labels_and_normalises_on_train(tmp_path: Path) -> No
 
 
 def _split_rows(bundle) -> set[int]:
-    from polytask.data.multilabel import split_indices
+    from polytask.data.bundle import split_indices
 
     parts = split_indices(12, val_fraction=0.25, test_fraction=0.25, seed=0)
     return set(parts["val"].tolist()) | set(parts["test"].tolist())

@@ -1,4 +1,5 @@
-"""Several datasets, one model: samplers, the mixer, epochs, resume, DDP shares, config, recipe."""
+"""Several datasets, one model: samplers, the mixer, epochs, one bundle of several tables,
+resume, DDP shares, config, end to end."""
 
 from __future__ import annotations
 
@@ -19,23 +20,22 @@ import torch.multiprocessing as mp
 from scipy.stats import chisquare
 
 from polytask.config import parse_config
+from polytask.data.batches import MultiLabelDataset
+from polytask.data.bundle import build_bundle
 from polytask.data.mixing import (
-    SAMPLERS,
-    AnnealedSampler,
     MultiTaskMixer,
     TaskDataset,
-    build_mixed_bundle,
-    build_sampler,
     epoch_steps,
     evaluation_batches,
     parse_epoch,
     train_parts,
 )
-from polytask.data.multilabel import MultiLabelDataset, MultiLabelTable
+from polytask.data.samplers import SAMPLERS, AnnealedSampler, build_sampler
+from polytask.data.table import MultiLabelTable
 from polytask.errors import ConfigError, DataError
 from polytask.evaluate import evaluate
 from polytask.models import build_model
-from polytask.recipe import evaluate_run, resume_run, train_from_config
+from polytask.run import evaluate_run, resume_run, train_run, train_with_baselines
 from polytask.tasks import TaskSpec
 
 SIZES = [400, 40, 4]
@@ -313,7 +313,7 @@ def _table(n: int, task: str, *, offset: float, dim: int = 3, kind: str = "regre
 
 
 def test_mixed_bundle_stacks_tables_with_missing_labels_and_one_preprocessing() -> None:
-    bundle = build_mixed_bundle(
+    bundle = build_bundle(
         [("big", _table(200, "r", offset=0.0)), ("small", _table(20, "k", offset=5.0, kind="c"))],
         seed=0,
     )
@@ -337,12 +337,10 @@ def test_mixed_bundle_stacks_tables_with_missing_labels_and_one_preprocessing() 
 
 def test_mixed_bundle_errors_name_the_dataset() -> None:
     with pytest.raises(DataError, match="dataset 'b': input layout \\(4,\\) differs from dataset"):
-        build_mixed_bundle(
-            [("a", _table(20, "r", offset=0)), ("b", _table(20, "s", offset=0, dim=4))]
-        )
+        build_bundle([("a", _table(20, "r", offset=0)), ("b", _table(20, "s", offset=0, dim=4))])
     clash = _table(20, "r", offset=0, kind="c")
     with pytest.raises(DataError, match="task 'r' is defined differently in dataset 'b'"):
-        build_mixed_bundle([("a", _table(20, "r", offset=0)), ("b", clash)])
+        build_bundle([("a", _table(20, "r", offset=0)), ("b", clash)])
 
 
 def test_evaluation_batches_score_each_task_on_its_own_dataset() -> None:
@@ -416,7 +414,7 @@ def test_unknown_task_of_an_entry_names_it(tmp_path: Path) -> None:
     raw = _two_datasets(tmp_path)
     raw["data"]["datasets"][1]["tasks"] = ["t9"]
     with pytest.raises(ConfigError, match=r"data.datasets.1.tasks: unknown task\(s\) t9"):
-        train_from_config(parse_config(raw))
+        train_run(parse_config(raw))
 
 
 # ---------------------------------------------------------------------------------- end to end
@@ -430,7 +428,7 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
 
 def test_two_datasets_of_100_to_1_train_end_to_end(tmp_path: Path) -> None:
     raw = _two_datasets(tmp_path, sampler={"name": "temperature", "params": {"temperature": 2}})
-    result = train_from_config(parse_config(raw))
+    result = train_run(parse_config(raw))
     assert set(result.test) == {"t1", "t2"}
     assert all(math.isfinite(result.test[t]["rmse"]) for t in ("t1", "t2"))
     records = _records(result.run_dir)
@@ -454,16 +452,14 @@ def test_interrupted_multi_dataset_run_resumes_identically(tmp_path: Path) -> No
 
     raw = _two_datasets(tmp_path, sampler={"name": "annealed"}, batch_mode="single")
     raw["model"]["encoder_params"]["dropout"] = 0.1
-    full = train_from_config(parse_config(raw), run_dir=tmp_path / "full")
+    full = train_run(parse_config(raw), run_dir=tmp_path / "full")
 
     def stop(record: dict[str, Any]) -> None:
         if record["epoch"] == 1:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train_from_config(
-            parse_config(copy.deepcopy(raw)), run_dir=tmp_path / "cut", callbacks=[stop]
-        )
+        train_run(parse_config(copy.deepcopy(raw)), run_dir=tmp_path / "cut", callbacks=[stop])
     resumed = resume_run(tmp_path / "cut", progress=False)
     assert resumed.test == full.test
     assert _records(tmp_path / "cut") == _records(tmp_path / "full")
@@ -473,7 +469,7 @@ def test_single_task_baselines_use_only_the_datasets_of_their_task(tmp_path: Pat
     raw = _two_datasets(tmp_path)
     raw["train"]["epochs"] = 1
     raw["evaluate"] = {"baselines": True}
-    result = train_from_config(parse_config(raw))
+    result = train_with_baselines(parse_config(raw))
     assert result.baselines is not None and set(result.baselines) == {"t1", "t2"}
     assert result.delta_m is not None and math.isfinite(result.delta_m)
     run = json.loads((result.run_dir / "baselines" / "t2" / "run.json").read_text())
@@ -489,7 +485,7 @@ def _ddp_worker(rank: int, port: int, raw: dict[str, Any], run_dir: str) -> None
         WORLD_SIZE="2",
     )
     torch.set_num_threads(1)
-    train_from_config(parse_config(raw), run_dir=Path(run_dir))
+    train_run(parse_config(raw), run_dir=Path(run_dir))
     dist.destroy_process_group()
 
 
@@ -515,7 +511,7 @@ def test_two_processes_draw_what_one_process_draws(tmp_path: Path) -> None:
                 process.kill()
             pytest.fail("the 2-process run did not finish in 300 s: a collective hangs")
     raw["data"]["batch_size"] = 64
-    train_from_config(parse_config(raw), run_dir=tmp_path / "one")
+    train_run(parse_config(raw), run_dir=tmp_path / "one")
     ddp, one = _records(tmp_path / "ddp"), _records(tmp_path / "one")
     assert [r["seen"] for r in ddp] == [r["seen"] for r in one]
     assert all(r["val"]["t2"]["rmse"] is not None for r in ddp)

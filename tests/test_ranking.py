@@ -9,10 +9,10 @@ import pytest
 import torch
 from torchmetrics.classification import BinaryAUROC
 
-from polytask.data.multilabel import MultiLabelDataset
+from polytask.data.batches import MultiLabelDataset
 from polytask.errors import DataError
+from polytask.evaluate.ranking import auc, gauc, log_loss, ranking_report
 from polytask.models import build_model
-from polytask.ranking import auc, gauc, log_loss, ranking_report
 from polytask.tasks import METRICS, BinaryLogLoss, TaskSpec, compute_metrics
 
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from polytask.config import parse_config
-from polytask.data.multilabel import build_bundle
+from polytask.data.bundle import build_bundle
 from polytask.data.sources import DATASETS
 from polytask.data.sources.recsys import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, generate_log
 from polytask.errors import ConfigError
+from polytask.evaluate.ranking import group_codes, ranking_report
 from polytask.models import build_model
-from polytask.ranking import group_codes, ranking_report
-from polytask.recipe import train_from_config
+from polytask.run import train_run
 
 SMALL = {"num_impressions": 4000, "num_users": 200, "num_items": 100}
 
@@ -27,7 +27,7 @@ def build(seed: int = 0, **params: object):
 
 def test_registered_with_a_documented_model() -> None:
     builder = DATASETS.get("recsys-synthetic")
-    assert builder.__provided__ == ("seed",)  # type: ignore[attr-defined]
+    assert DATASETS.provided == ("seed",)
     doc = inspect.getdoc(builder) or ""
     assert "References:" in doc and "f_cvr" in doc and "Bernoulli" in doc
     assert all(p.kind is p.KEYWORD_ONLY for p in inspect.signature(builder).parameters.values())
@@ -115,7 +115,7 @@ def test_esmm_with_the_tabular_encoder_trains_one_epoch(tmp_path: Path) -> None:
             "train": {"epochs": 1, "progress": False},
         }
     )
-    result = train_from_config(config)
+    result = train_run(config)
     for task in ("click", "conversion"):
         metrics = result.test[task]
         assert 0.0 <= metrics["auroc"] <= 1.0 and 0.0 < metrics["log_loss"] < 1.0

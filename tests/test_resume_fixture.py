@@ -18,9 +18,9 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures" / "runs-5eec728"
 
 
-@pytest.mark.parametrize("name", ["tiny-uncertainty", "tiny-upgrad"])
+@pytest.mark.parametrize("name", ["tiny-uncertainty", "tiny-mgda"])
 def test_an_old_run_folder_resumes_to_the_same_metrics(tmp_path: Path, name: str) -> None:
-    from polytask.recipe import resume_run
+    from polytask.run import resume_run
 
     run = tmp_path / name
     shutil.copytree(FIXTURES / name, run)
@@ -41,9 +41,9 @@ def test_an_old_run_folder_resumes_to_the_same_metrics(tmp_path: Path, name: str
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("name", ["tiny-uncertainty", "tiny-upgrad"])
+@pytest.mark.parametrize("name", ["tiny-uncertainty", "tiny-mgda"])
 def test_an_old_run_folder_loads_for_inference(name: str) -> None:
-    from polytask.recipe import load_trained
+    from polytask.run import load_trained
 
     trained = load_trained(FIXTURES / name)
     assert [t.name for t in trained.tasks] == ["t1", "t2"]

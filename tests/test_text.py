@@ -15,10 +15,11 @@ import yaml
 from typer.testing import CliRunner
 
 from polytask.cli import app
-from polytask.data.multilabel import MultiLabelTable, build_bundle
+from polytask.data.bundle import build_bundle
 from polytask.data.preprocess import input_spec, preprocessor_from_dict
 from polytask.data.sources import DATASETS
 from polytask.data.sources.modalities import NEGATIONS, make_topic_texts
+from polytask.data.table import MultiLabelTable
 from polytask.data.text import TextTokenizer, train_subwords
 from polytask.errors import ConfigError, DataError
 from polytask.models import ENCODERS, build_model
@@ -316,7 +317,7 @@ def test_tweets_sentiment_real_corpus() -> None:
 
 # ----------------------------------------------------------------------------- recipe
 def test_text_recipe_trains_and_predicts_raw_texts(tmp_path: Path) -> None:
-    from polytask.recipe import load_trained
+    from polytask.run import load_trained
 
     raw = yaml.safe_load((ROOT / "configs" / "text-two-task.yaml").read_text())
     raw["data"]["params"]["num_samples"] = 300

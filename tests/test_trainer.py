@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from polytask.config import parse_config
-from polytask.recipe import load_trained, resume_run, train_from_config
+from polytask.run import load_trained, resume_run, train_run
 from polytask.train.checkpoint import load_checkpoint
 from polytask.train.runlog import read_metrics
 
@@ -20,7 +20,7 @@ def _records(path: Path) -> list[dict]:
 
 
 def _train(raw: dict, run_dir: Path, **kwargs):
-    return train_from_config(parse_config(raw), run_dir=run_dir, **kwargs)
+    return train_run(parse_config(raw), run_dir=run_dir, **kwargs)
 
 
 def test_same_config_and_seed_give_identical_metrics(tiny_raw: dict, tmp_path: Path) -> None:
@@ -152,6 +152,29 @@ def test_fp16_on_cpu_and_unsupported_methods_fail_clearly(tiny_raw: dict, tmp_pa
         _train(tiny_raw, tmp_path / "b")
 
 
+def test_runtime_checks_precision_and_gradient_scaling_before_training() -> None:
+    """The runtime refuses what the device or the method cannot do when it is created or set up,
+    before any step; a method declares ``supports_grad_scale``, nothing is probed."""
+    from polytask.balancing import build_balancer
+    from polytask.errors import ConfigError
+    from polytask.models import build_model
+    from polytask.runtime import Runtime
+    from polytask.tasks import TaskSpec
+
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        Runtime("cpu", precision="fp16")
+    tasks = [TaskSpec("a", "regression"), TaskSpec("b", "regression")]
+    model = build_model(tasks, (3,), encoder_params={"hidden": [8]})
+    gradnorm = build_balancer("gradnorm", tasks)
+    assert not gradnorm.supports_grad_scale
+    with pytest.raises(ConfigError, match="GradNorm does not support fp16 loss scaling"):
+        Runtime("cpu").setup(model, gradnorm, accumulate_steps=2)
+    runtime = Runtime("cpu")
+    runtime.setup(model, build_balancer("equal", tasks), accumulate_steps=2)
+    assert runtime.grad_scale(micro_batches=2) == 0.5
+    assert runtime.grad_scale(micro_batches=1) == 1.0 and runtime.state_dict() is None
+
+
 def test_compile_falls_back_cleanly(tiny_raw: dict, tmp_path: Path, monkeypatch) -> None:
     """Where torch.compile cannot run, training continues eagerly with the same result."""
     import torch
@@ -176,7 +199,7 @@ def test_data_wait_is_reported(tiny_raw: dict, tmp_path: Path) -> None:
 
 
 def test_task_weights_and_class_balance_from_config(tmp_path: Path) -> None:
-    from polytask.recipe import build_data
+    from polytask.run.data import build_data
 
     raw = {
         "name": "digits",

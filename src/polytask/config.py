@@ -16,9 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from polytask.balancing import BALANCERS
-from polytask.data.mixing import SAMPLERS, parse_epoch  # several datasets (issue 5)
+from polytask.data.mixing import parse_epoch
+from polytask.data.samplers import SAMPLERS
 from polytask.data.sources import DATASETS
-from polytask.errors import ConfigError
+from polytask.errors import ConfigError, unknown_name
 from polytask.models import ARCHITECTURES, ENCODERS, HEADS
 from polytask.registry import Registry
 
@@ -27,7 +28,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# --- several datasets, one model (issue 5, polytask.data.mixing) ---------------------------
 class DatasetEntry(_Strict):
     """One dataset of ``data.datasets``: which one, its parameters, the tasks it feeds."""
 
@@ -42,9 +42,6 @@ class SamplerConfig(_Strict):
 
     name: str = Field("proportional", description="a registered sampler name")
     params: dict[str, Any] = Field(default_factory=dict, description="the sampler's parameters")
-
-
-# --- end of several datasets ---------------------------------------------------------------
 
 
 class DataConfig(_Strict):
@@ -71,7 +68,7 @@ class DataConfig(_Strict):
     on_device: bool = Field(
         True, description="keep the in-memory splits on the training device (no copy per batch)"
     )
-    # several datasets, one model (issue 5): used only with `datasets`
+    # several datasets, one model: used only with `datasets`
     datasets: list[DatasetEntry] | None = Field(
         None, description="one dataset per task or group of tasks, instead of `dataset`"
     )
@@ -183,18 +180,20 @@ def _registry_problems(config: RunConfig) -> list[str]:
     ]
     if data.dataset is not None:  # else data.datasets: see _datasets_problems
         checks.insert(0, ("data.dataset", "data.params", DATASETS, data.dataset, data.params))
-    problems = []
-    for field, params_field, registry, name, params in checks:
-        if name not in registry:
-            known = ", ".join(registry.names())
-            problems.append(f"{field}: unknown {registry.kind} {name!r}; known: {known}")
-            continue
-        problems += [f"{params_field}: {p}" for p in registry.check_params(name, params)]
-    return problems
+    return [problem for check in checks for problem in _named(*check)]
+
+
+def _named(
+    field: str, params_field: str, registry: Registry[Any], name: str, params: Mapping[str, Any]
+) -> list[str]:
+    """Problems with a registered name and its parameters, each naming its field."""
+    if name not in registry:
+        return [f"{field}: {unknown_name(registry.kind, name, registry.names())}"]
+    return [f"{params_field}: {p}" for p in registry.check_params(name, params)]
 
 
 def _datasets_problems(config: RunConfig) -> list[str]:
-    """Problems with ``data.dataset`` / ``data.datasets`` and the sampler (issue 5)."""
+    """Problems with ``data.dataset`` / ``data.datasets`` and the sampler."""
     data = config.data
     if data.datasets is None:
         if data.dataset is None:
@@ -212,13 +211,9 @@ def _datasets_problems(config: RunConfig) -> list[str]:
     fixed = data.sampler.name == "fixed"
     for i, entry in enumerate(data.datasets):
         field = f"data.datasets.{i}"
-        if entry.dataset not in DATASETS:
-            known = ", ".join(DATASETS.names())
-            problems.append(f"{field}.dataset: unknown dataset {entry.dataset!r}; known: {known}")
-        else:
-            problems += [
-                f"{field}.params: {p}" for p in DATASETS.check_params(entry.dataset, entry.params)
-            ]
+        problems += _named(
+            f"{field}.dataset", f"{field}.params", DATASETS, entry.dataset, entry.params
+        )
         if entry.tasks is not None and not entry.tasks:
             problems.append(f"{field}.tasks: empty; leave it out to use every task")
         if entry.tasks is not None and len(set(entry.tasks)) != len(entry.tasks):
@@ -235,14 +230,9 @@ def _datasets_problems(config: RunConfig) -> list[str]:
     weights = [e.weight for e in data.datasets]
     if fixed and weights and None not in weights and sum(w or 0.0 for w in weights) <= 0:
         problems.append("data.datasets: the fixed sampler's weights sum to 0")
-    if data.sampler.name not in SAMPLERS:
-        known = ", ".join(SAMPLERS.names())
-        problems.append(f"data.sampler.name: unknown sampler {data.sampler.name!r}; known: {known}")
-    else:
-        problems += [
-            f"data.sampler.params: {p}"
-            for p in SAMPLERS.check_params(data.sampler.name, data.sampler.params)
-        ]
+    problems += _named(
+        "data.sampler.name", "data.sampler.params", SAMPLERS, data.sampler.name, data.sampler.params
+    )
     try:
         parse_epoch(data.epoch)
     except ConfigError as exc:

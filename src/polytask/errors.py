@@ -21,6 +21,13 @@ class CheckpointError(PolytaskError):
     """A run folder or checkpoint is missing or unreadable."""
 
 
+class RunInterrupted(PolytaskError):
+    """A run was stopped by Ctrl-C or SIGTERM; the message names its folder and how to resume.
+    The command line exits with code 130."""
+
+    exit_code = 130
+
+
 class UnknownNameError(PolytaskError, KeyError):
     """A name was looked up in a registry that does not hold it."""
 
@@ -32,11 +39,11 @@ def unknown_name(kind: str, names: str | Iterable[str], known: Iterable[str]) ->
     """The one message for names that are not among the known ones.
 
     >>> unknown_name("task", ["x", "y"], ["b", "a"])
-    "unknown task(s) 'x', 'y'; known: a, b"
+    'unknown task(s) x, y; known: a, b'
     >>> unknown_name("sampler", "zipf", ["uniform"])
     "unknown sampler 'zipf'; known: uniform"
     """
     listed = ", ".join(sorted(known)) or "none"
     if isinstance(names, str):
         return f"unknown {kind} {names!r}; known: {listed}"
-    return f"unknown {kind}(s) {', '.join(repr(n) for n in names)}; known: {listed}"
+    return f"unknown {kind}(s) {', '.join(names)}; known: {listed}"

@@ -1,5 +1,7 @@
-"""The one atomic write: every file polytask keeps (checkpoints, ``config.yaml``, ``run.json``,
-``results.json``, plots, predictions) goes through ``atomic_path``.
+"""The one atomic write, and strict JSON.
+
+Every file polytask keeps (checkpoints, ``config.yaml``, ``run.json``, ``results.json``, plots,
+predictions) goes through ``atomic_path``.
 
 The data is written to a temporary file in the destination folder, flushed and fsynced, renamed
 over the destination (``os.replace``, atomic on POSIX and Windows) and the folder is fsynced, so
@@ -19,13 +21,22 @@ Example:
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic"]
+__all__ = [
+    "atomic_path",
+    "json_ready",
+    "strict_json",
+    "write_bytes_atomic",
+    "write_text_atomic",
+]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -75,3 +86,31 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Replace ``path`` by ``text`` (UTF-8) atomically (see ``atomic_path``)."""
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def json_ready(value: Any) -> Any:
+    """Copy ``value`` with non-finite floats as ``None``, tuples as lists and numpy or 0-d torch
+    scalars as Python numbers (anything else is left for ``json`` to reject).
+
+    >>> json_ready({"a": float("nan"), "b": (1, 2.5)})
+    {'a': None, 'b': [1, 2.5]}
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, Mapping):
+        return {(k if isinstance(k, str) else str(k)): json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    item = getattr(value, "item", None)  # numpy scalars, 0-d numpy arrays and torch tensors
+    if callable(item) and getattr(value, "ndim", 0) == 0:
+        return json_ready(item())
+    return value
+
+
+def strict_json(value: Any, *, indent: int | None = None) -> str:
+    """``value`` as standard JSON (``json_ready``: no bare ``NaN`` or ``Infinity``)."""
+    return json.dumps(json_ready(value), allow_nan=False, ensure_ascii=False, indent=indent)

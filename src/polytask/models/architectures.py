@@ -20,9 +20,7 @@ from torch import Tensor, nn
 from polytask.registry import Registry
 from polytask.tasks import TaskSpec
 
-ARCHITECTURES: Registry = Registry(
-    "architecture", provided=("tasks", "make_encoder", "make_head")
-)
+ARCHITECTURES: Registry = Registry("architecture", provided=("tasks", "make_encoder", "make_head"))
 
 EncoderFactory = Callable[[], nn.Module]
 HeadFactory = Callable[[TaskSpec, int], nn.Module]
@@ -71,7 +69,6 @@ class HardSharing(MultiTaskModel):
         >>> out.outputs["a"].shape, out.outputs["b"].shape, out.features.shape
         (torch.Size([5]), torch.Size([5, 3]), torch.Size([5, 8]))
     """
-
 
     def __init__(
         self, *, tasks: Sequence[TaskSpec], make_encoder: EncoderFactory, make_head: HeadFactory

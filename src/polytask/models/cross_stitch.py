@@ -180,7 +180,6 @@ class CrossStitch(MultiTaskModel):
         (torch.Size([5]), torch.Size([5, 3]), None, 2)
     """
 
-
     def __init__(
         self,
         *,

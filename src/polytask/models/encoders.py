@@ -67,7 +67,6 @@ class MLPEncoder(nn.Module):
         torch.Size([2, 4])
     """
 
-
     def __init__(
         self,
         input_shape: Sequence[int],
@@ -111,7 +110,6 @@ class CNNEncoder(nn.Module):
         >>> enc(torch.zeros(2, 1, 10, 14)).shape
         torch.Size([2, 32])
     """
-
 
     def __init__(
         self,
@@ -174,7 +172,6 @@ class ResNetEncoder(nn.Module):
         >>> enc(torch.zeros(2, 1, 16, 16)).shape
         torch.Size([2, 16])
     """
-
 
     def __init__(
         self,

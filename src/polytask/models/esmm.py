@@ -71,7 +71,6 @@ class ESMM(MultiTaskModel):
         True
     """
 
-
     def __init__(
         self,
         *,

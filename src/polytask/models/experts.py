@@ -29,7 +29,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from polytask.errors import ConfigError
+from polytask.errors import ConfigError, unknown_name
 from polytask.models.architectures import (
     ARCHITECTURES,
     EncoderFactory,
@@ -154,7 +154,7 @@ def _gate_factory(gate: str, options: Mapping[str, Any]) -> GateFactory:
 def _gate_problems(gate: str, k: int, gamma: float, entropy_reg: float) -> list[str]:
     problems = []
     if gate not in GATES:
-        problems.append(f"unknown gate {gate!r}; known: {', '.join(GATES.names())}")
+        problems.append(unknown_name("gate", gate, GATES.names()))
     if k < 1:
         problems.append(f"k must be >= 1, found {k}")
     if not gamma > 0:
@@ -189,7 +189,6 @@ class SoftmaxGate(nn.Module):
         >>> weights.shape, torch.allclose(weights.sum(-1), torch.ones(2)), penalty
         (torch.Size([2, 3]), True, None)
     """
-
 
     def __init__(self, in_features: int, num_experts: int) -> None:
         super().__init__()
@@ -246,7 +245,6 @@ class DSelectKGate(nn.Module):
         >>> weights.shape, torch.allclose(weights.sum(-1), torch.ones(3))
         (torch.Size([3, 5]), True)
     """
-
 
     codes: Tensor
     code_to_expert: Tensor
@@ -336,7 +334,6 @@ class MMoE(MultiTaskModel):
         >>> out.extras["gates"]["b"].shape
         torch.Size([5, 3])
     """
-
 
     def __init__(
         self,

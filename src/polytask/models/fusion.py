@@ -28,7 +28,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from polytask.errors import ConfigError
+from polytask.errors import ConfigError, unknown_name
+from polytask.models.augment import ImageAugment
 from polytask.models.encoders import ENCODERS
 
 PRESENT_SUFFIX = "_present"
@@ -118,9 +119,7 @@ def build_sub_encoder(config: Any, entry: Mapping[str, Any], *, where: str) -> n
     ``where``."""
     name, params = _entry(config, where)
     if name not in ENCODERS:
-        raise ConfigError(
-            f"{where}: unknown encoder {name!r}; known: {', '.join(ENCODERS.names())}"
-        )
+        raise ConfigError(f"{where}: {unknown_name('encoder', name, ENCODERS.names())}")
     problems = ENCODERS.check_params(name, params)
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
@@ -155,6 +154,40 @@ def _width(encoder: nn.Module) -> int:
 
 def _where_rows(keep: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.where(keep.reshape(-1, *([1] * (a.dim() - 1))), a, b)
+
+
+def _check_fusion(
+    input_shape: Any, encoders: Mapping[str, Any], *, mode: str, d_model: int, heads: int
+) -> None:
+    """``ConfigError`` unless every input block of ``input_shape`` has an encoder in
+    ``encoders`` (or is the presence mask of one) and ``mode`` can fuse them."""
+    if not isinstance(input_shape, Mapping) or _is_block_entry(input_shape):
+        raise ConfigError(
+            "fusion encoder needs named input blocks (a dict input, one block per modality); "
+            f"found input shape {input_shape!r}"
+        )
+    if mode not in FUSION_MODES:
+        raise ConfigError(f"fusion: mode must be one of {', '.join(FUSION_MODES)}, found {mode!r}")
+    if not isinstance(encoders, Mapping) or not encoders:
+        raise ConfigError("fusion: `encoders` must map at least one input block to an encoder")
+    unknown = [b for b in encoders if b not in input_shape]
+    if unknown:
+        raise ConfigError(
+            f"fusion.encoders: no input block(s) {unknown}; blocks: {', '.join(input_shape)}"
+        )
+    unused = [
+        b
+        for b in input_shape
+        if b not in encoders
+        and not (b.endswith(PRESENT_SUFFIX) and b[: -len(PRESENT_SUFFIX)] in encoders)
+    ]
+    if unused:
+        raise ConfigError(
+            f"fusion.encoders: input block(s) {unused} have no encoder (blocks named "
+            f"<block>{PRESENT_SUFFIX} are presence masks)"
+        )
+    if mode == "cross_attention" and d_model % heads:
+        raise ConfigError(f"fusion: d_model {d_model} is not divisible by heads {heads}")
 
 
 @ENCODERS.register("fusion", "multimodal: per-block encoders fused by concat, gates or attention")
@@ -192,7 +225,6 @@ class FusionEncoder(nn.Module):
         torch.Size([5, 6])
     """
 
-
     def __init__(
         self,
         input_shape: Any,
@@ -206,35 +238,7 @@ class FusionEncoder(nn.Module):
         out_features: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(input_shape, Mapping) or _is_block_entry(input_shape):
-            raise ConfigError(
-                "fusion encoder needs named input blocks (a dict input, one block per modality); "
-                f"found input shape {input_shape!r}"
-            )
-        if mode not in FUSION_MODES:
-            raise ConfigError(
-                f"fusion: mode must be one of {', '.join(FUSION_MODES)}, found {mode!r}"
-            )
-        if not isinstance(encoders, Mapping) or not encoders:
-            raise ConfigError("fusion: `encoders` must map at least one input block to an encoder")
-        unknown = [b for b in encoders if b not in input_shape]
-        if unknown:
-            raise ConfigError(
-                f"fusion.encoders: no input block(s) {unknown}; blocks: {', '.join(input_shape)}"
-            )
-        unused = [
-            b
-            for b in input_shape
-            if b not in encoders
-            and not (b.endswith(PRESENT_SUFFIX) and b[: -len(PRESENT_SUFFIX)] in encoders)
-        ]
-        if unused:
-            raise ConfigError(
-                f"fusion.encoders: input block(s) {unused} have no encoder (blocks named "
-                f"<block>{PRESENT_SUFFIX} are presence masks)"
-            )
-        if mode == "cross_attention" and d_model % heads:
-            raise ConfigError(f"fusion: d_model {d_model} is not divisible by heads {heads}")
+        _check_fusion(input_shape, encoders, mode=mode, d_model=d_model, heads=heads)
         self.blocks = list(encoders)
         self.mode = mode
         self.encoders = nn.ModuleDict(
@@ -342,7 +346,7 @@ class FusionEncoder(nn.Module):
 @ENCODERS.register("augmented", "train-time image augmentation in front of an image encoder")
 class AugmentedEncoder(nn.Module):
     """``encoder`` (``{name, params}``, e.g. ``cnn`` or ``resnet``) applied to images augmented
-    by ``polytask.data.images.ImageAugment(**augment)`` — random crop with padding, horizontal
+    by ``polytask.models.augment.ImageAugment(**augment)`` — random crop with padding, horizontal
     flip, small affine — in training mode only; evaluation and prediction see the images as
     they are. Images are ``[C, H, W]`` (or ``[H, W]``, one channel). In a dict input, ``block``
     names the image block (inside ``fusion`` the block is given).
@@ -365,8 +369,6 @@ class AugmentedEncoder(nn.Module):
         block: str | None = None,
     ) -> None:
         super().__init__()
-        from polytask.data.images import ImageAugment
-
         self.block, entry = resolve_block("augmented", input_shape, block)
         shape = [int(s) for s in entry["shape"]]
         if len(shape) not in (2, 3):

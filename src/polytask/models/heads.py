@@ -20,7 +20,6 @@ HEADS: Registry = Registry("head", provided=("in_features", "task"))
 class TaskHead(nn.Module):
     """Optional hidden layers, then a linear layer of ``task.output_dim`` units."""
 
-
     def __init__(
         self,
         in_features: int,
@@ -47,8 +46,6 @@ def linear_head(in_features: int, task: TaskSpec) -> TaskHead:
     return TaskHead(in_features, task)
 
 
-
-
 @HEADS.register("mlp", "hidden layers then a linear layer, per task")
 def mlp_head(
     in_features: int,
@@ -60,5 +57,3 @@ def mlp_head(
 ) -> TaskHead:
     """Hidden layers (``hidden`` widths) then a linear layer, per task."""
     return TaskHead(in_features, task, hidden=hidden, dropout=dropout, activation=activation)
-
-

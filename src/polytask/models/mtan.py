@@ -127,7 +127,6 @@ class MTAN(MultiTaskModel):
         (torch.Size([3]), torch.Size([3, 88]), 2)
     """
 
-
     def __init__(
         self,
         *,

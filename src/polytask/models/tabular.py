@@ -182,6 +182,50 @@ class TabularInput(nn.Module):
         return torch.cat(parts, dim=1)
 
 
+def _check_tabular(
+    columns: Sequence[str],
+    per_column: Mapping[str, int],
+    crosses: Sequence[Sequence[str]],
+    *,
+    cross_buckets: int,
+    dropout: float,
+    hidden: Sequence[int],
+    owner: str,
+) -> list[list[int]]:
+    """The column positions of each cross; one ``ConfigError`` lists every problem with the
+    tabular encoder's parameters."""
+    problems: list[str] = []
+    if cross_buckets < 1:
+        problems.append(f"cross_buckets must be >= 1, found {cross_buckets}")
+    if not 0.0 <= dropout < 1.0:
+        problems.append(f"dropout must be in [0, 1), found {dropout}")
+    if any(int(h) < 1 for h in hidden):
+        problems.append(f"hidden widths must be >= 1, found {list(hidden)}")
+    stray = sorted(set(per_column) - set(columns))
+    if stray:
+        problems.append(
+            f"embedding_dims names unknown column(s) {', '.join(map(repr, stray))}; "
+            f"categorical columns: {', '.join(columns) or 'none'}"
+        )
+    position = {name: j for j, name in enumerate(columns)}
+    cross_columns: list[list[int]] = []
+    for cross in crosses:
+        names = [cross] if isinstance(cross, str) else list(cross)
+        missing = [n for n in names if n not in position]
+        if missing:
+            problems.append(
+                f"cross {names} names unknown column(s) {', '.join(map(repr, missing))}; "
+                f"categorical columns: {', '.join(columns) or 'none'}"
+            )
+        elif len(names) < 2:
+            problems.append(f"cross {names} needs at least two columns")
+        else:
+            cross_columns.append([position[n] for n in names])
+    if problems:
+        raise ConfigError(f"{owner}: " + "; ".join(problems))
+    return cross_columns
+
+
 @ENCODERS.register(
     "tabular", "categorical embeddings (unknown → 0), numeric features and crosses, then an MLP"
 )
@@ -217,7 +261,6 @@ class TabularEncoder(nn.Module):
         (torch.Size([5, 8]), torch.Size([5, 14]), 14)
     """
 
-
     def __init__(
         self,
         input_shape: Any,
@@ -235,36 +278,16 @@ class TabularEncoder(nn.Module):
         super().__init__()
         owner = "tabular encoder"
         num_numeric, cardinalities, columns = _parse_spec(input_shape)
-        problems: list[str] = []
-        if cross_buckets < 1:
-            problems.append(f"cross_buckets must be >= 1, found {cross_buckets}")
-        if not 0.0 <= dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), found {dropout}")
-        if any(int(h) < 1 for h in hidden):
-            problems.append(f"hidden widths must be >= 1, found {list(hidden)}")
         per_column = dict(embedding_dims or {})
-        stray = sorted(set(per_column) - set(columns))
-        if stray:
-            problems.append(
-                f"embedding_dims names unknown column(s) {', '.join(map(repr, stray))}; "
-                f"categorical columns: {', '.join(columns) or 'none'}"
-            )
-        position = {name: j for j, name in enumerate(columns)}
-        cross_columns: list[list[int]] = []
-        for cross in crosses:
-            names = [cross] if isinstance(cross, str) else list(cross)
-            missing = [n for n in names if n not in position]
-            if missing:
-                problems.append(
-                    f"cross {names} names unknown column(s) {', '.join(map(repr, missing))}; "
-                    f"categorical columns: {', '.join(columns) or 'none'}"
-                )
-            elif len(names) < 2:
-                problems.append(f"cross {names} needs at least two columns")
-            else:
-                cross_columns.append([position[n] for n in names])
-        if problems:
-            raise ConfigError(f"{owner}: " + "; ".join(problems))
+        cross_columns = _check_tabular(
+            columns,
+            per_column,
+            crosses,
+            cross_buckets=cross_buckets,
+            dropout=dropout,
+            hidden=hidden,
+            owner=owner,
+        )
         if num_numeric == 0 and not cardinalities:
             raise ConfigError(f"{owner}: the input has neither numeric nor categorical features")
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from polytask.errors import CheckpointError, ConfigError
 from polytask.models.encoders import ENCODERS
 from polytask.models.fusion import pick, resolve_block
+from polytask.pretrained import pretrained_dir
 
 __all__ = ["BertModel", "MiniLMEncoder", "TransformerTextEncoder", "masked_mean"]
 
@@ -321,8 +322,6 @@ class MiniLMEncoder(nn.Module):
         projection: int | None = 128,
     ) -> None:
         super().__init__()
-        from polytask.data.text import pretrained_dir
-
         self.block, entry = resolve_block("minilm", input_shape, block, needs=["vocab_size"])
         used = entry.get("pretrained", pretrained)
         if used != pretrained:

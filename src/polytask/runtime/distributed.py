@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from polytask.balancing.reduce import Reducer
 from polytask.errors import ConfigError
-from polytask.train.device import resolve_device
+from polytask.runtime.device import resolve_device
 
 
 @dataclass
@@ -51,13 +51,30 @@ class DistributedContext:
         return box[0]
 
 
-def init_distributed(device_spec: str = "auto") -> DistributedContext:
-    """The context of this process; starts the process group under torchrun."""
+def launched_rank() -> tuple[int, int, int]:
+    """(rank, local rank, world size) that torchrun gave this process; ``(0, 0, 1)`` when it was
+    not started by torchrun. The one place that reads torchrun's environment."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
+        return 0, 0, 1
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (or the only process)."""
+    return launched_rank()[0] == 0
+
+
+def under_torchrun() -> bool:
+    """Whether this process was started by torchrun (or any launcher setting ``WORLD_SIZE``)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device_spec: str = "auto") -> DistributedContext:
+    """The context of this process; starts the process group under torchrun."""
+    rank, local_rank, world_size = launched_rank()
+    if world_size <= 1:
         return DistributedContext(device=resolve_device(device_spec))
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_spec in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -19,16 +19,15 @@ SKELETON is the saved state with every value JSON cannot hold replaced by a mark
   state uses int keys), or whose keys would be mistaken for a marker; keys are encoded like
   values, so ``0``, ``(1, 2)`` or ``None`` come back with their type.
 
-Nothing is ever pickled: loading runs no code. Saving writes ``<name>.tmp-<pid>`` in the same
-folder, flushes and fsyncs it, renames it over ``path`` with ``os.replace`` and fsyncs the
-folder, so ``path`` always holds either the previous checkpoint or the new one, never a mix.
+Nothing is ever pickled: loading runs no code. Saving goes through ``polytask.io``'s one atomic
+write (a temporary file in the same folder, fsynced, renamed over ``path``, the folder fsynced),
+so ``path`` always holds either the previous checkpoint or the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,18 +40,25 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes
 
 from polytask.errors import CheckpointError
+from polytask.io import write_bytes_atomic
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
     "capture_rng_state",
+    "copy_checkpoint",
     "load_checkpoint",
     "read_checkpoint_metadata",
     "restore_rng_state",
     "save_checkpoint",
+    "save_run_checkpoint",
 ]
 
 FORMAT_VERSION = 1
 """Version of the JSON skeleton layout written by :func:`save_checkpoint`."""
+
+CHECKPOINT_FORMAT = "polytask-checkpoint/1"
+"""The ``format`` entry of a Trainer's state (what it needs to continue a run exactly)."""
 
 _METADATA_KEY = "polytask"
 _TENSOR = "__tensor__"
@@ -63,7 +69,6 @@ _FLOAT = "__float__"
 _DICT = "__dict__"
 _MARKER_ORDER = (_TENSOR, _NDARRAY, _NPSCALAR, _TUPLE, _FLOAT, _DICT)
 _MARKERS = frozenset(_MARKER_ORDER)
-_WRITE_CHUNK = 64 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------- encoding
@@ -204,42 +209,6 @@ def _tensor(tensors: Mapping[str, torch.Tensor], key: Any, where: str) -> torch.
 # --------------------------------------------------------------------------- files
 
 
-def _write_all(file: Any, data: bytes) -> None:
-    """Write ``data`` to an open binary file in chunks (a separate function for tests)."""
-    view = memoryview(data)
-    for start in range(0, len(view), _WRITE_CHUNK):
-        file.write(view[start : start + _WRITE_CHUNK])
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable; silently skipped where folders can't be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` so that a crash leaves either the old or the new file."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as file:
-            _write_all(file, data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     """Save a nested ``state`` (dicts, lists, tuples, scalars, tensors, arrays) atomically.
 
@@ -254,12 +223,21 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     )
     data = safetensors.torch.save(encoder.tensors, metadata={_METADATA_KEY: text, "format": "pt"})
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, data)
+    write_bytes_atomic(path, data)
 
 
 def copy_checkpoint(source: Path, target: Path) -> None:
     """Copy a checkpoint file to ``target`` atomically (e.g. ``last`` → ``best``)."""
-    _atomic_write(Path(target), Path(source).read_bytes())
+    write_bytes_atomic(target, Path(source).read_bytes())
+
+
+def save_run_checkpoint(directory: Path, state: Mapping[str, Any], *, best: bool) -> None:
+    """Write ``state`` to ``directory/last.safetensors`` and, when ``best``, copy it to
+    ``best.safetensors`` (the folder is created if needed)."""
+    last = Path(directory) / "last.safetensors"
+    save_checkpoint(last, state)
+    if best:
+        copy_checkpoint(last, last.with_name("best.safetensors"))
 
 
 def _one_line(exc: BaseException) -> str:

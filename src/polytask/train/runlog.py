@@ -10,7 +10,8 @@ A record looks like::
 Non-finite floats are written as ``null`` so every line is valid JSON. Lines are appended and
 flushed one at a time, so a crash loses at most the line being written; a torn last line is
 skipped (with a warning) when the log is read. When a run resumes from a checkpoint,
-:func:`truncate_after` drops the lines of the epochs that ran after it.
+:func:`truncate_after` drops the lines of the epochs that ran after it. ``RunLog`` keeps a
+training run's files together: this log, the checkpoints and the curves.
 """
 
 from __future__ import annotations
@@ -19,42 +20,29 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from polytask.errors import CheckpointError
+from polytask.io import atomic_path, strict_json, write_text_atomic
+from polytask.train.checkpoint import save_run_checkpoint
 
-__all__ = ["METRICS_FILE", "MetricsLog", "plot_curves", "read_metrics", "truncate_after"]
+__all__ = [
+    "METRICS_FILE",
+    "MetricsLog",
+    "RunLog",
+    "epoch_record",
+    "plot_curves",
+    "read_metrics",
+    "truncate_after",
+]
 
 METRICS_FILE = "metrics.jsonl"
 """Name of the metrics log inside a run folder."""
 
 
 # --------------------------------------------------------------------------- JSON lines
-
-
-def _jsonable(value: Any) -> Any:
-    """Copy ``value`` with non-finite floats as ``None``, tuples as lists and numpy or
-    0-d torch scalars as Python numbers (anything else is left for ``json`` to reject)."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, Mapping):
-        return {(k if isinstance(k, str) else str(k)): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    item = getattr(value, "item", None)  # numpy scalars, 0-d numpy arrays and torch tensors
-    if callable(item) and getattr(value, "ndim", 0) == 0:
-        return _jsonable(item())
-    return value
-
-
-def _dumps(record: Mapping[str, Any]) -> str:
-    return json.dumps(_jsonable(record), allow_nan=False, ensure_ascii=False)
 
 
 class MetricsLog:
@@ -73,7 +61,7 @@ class MetricsLog:
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Write ``record`` as one line and flush it; nan/inf become ``null``."""
-        line = _dumps(record) + "\n"
+        line = strict_json(record) + "\n"
         with open(self.path, "a+b") as file:
             # A crash may have left a torn line without its newline: keep it on its own line.
             if file.seek(0, os.SEEK_END) > 0:
@@ -89,6 +77,34 @@ class MetricsLog:
 
     def __repr__(self) -> str:
         return f"MetricsLog({str(self.path)!r})"
+
+
+def epoch_record(
+    *,
+    epoch: int,
+    step: int,
+    lr: float,
+    seconds: float,
+    train: Mapping[str, Any],
+    val: Mapping[str, Any],
+    monitor: Mapping[str, Any],
+    seen: Callable[[], Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """An epoch's record: ``train`` holds the ``train``, ``weights``, ``data_wait_fraction`` and
+    ``train_time_s`` entries; ``seen``, when given, counts the labelled samples each task drew
+    this epoch (several datasets)."""
+    record = {
+        "epoch": epoch,
+        "step": step,
+        "lr": lr,
+        "time_s": round(seconds, 4),
+        **train,
+        "val": val,
+        "monitor": dict(monitor),
+    }
+    if callable(seen):
+        record["seen"] = seen()
+    return record
 
 
 def _parse_lines(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
@@ -132,20 +148,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [record for _, record in _parse_lines(path, _read_text(path))]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` through a temporary file in the same folder."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def truncate_after(path: Path, epoch: int) -> None:
     """Keep only the records with a numeric ``record["epoch"] <= epoch``, atomically.
 
@@ -162,7 +164,7 @@ def truncate_after(path: Path, epoch: int) -> None:
         for line, record in _parse_lines(path, _read_text(path))
         if _number(record.get("epoch")) is not None and record["epoch"] <= epoch
     ]
-    _atomic_write_text(path, "".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 # --------------------------------------------------------------------------- curves
@@ -322,12 +324,53 @@ def plot_curves(records: list[dict[str, Any]], path: Path, *, title: str = "") -
         fig.suptitle(title)
     fig.tight_layout()
 
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as temporary:
+            fig.savefig(temporary, format="png", dpi=100)
     finally:
         fig.clear()  # no pyplot registry to close from; this frees the artists
+
+
+# --------------------------------------------------------------------------- a run's files
+
+
+class RunLog:
+    """What a training run keeps in ``run_dir``: ``metrics.jsonl``, ``checkpoints/last`` (and
+    ``best``) and ``curves.png``. Only the process that ``writes`` (rank 0) touches them; every
+    process reads the ``last`` checkpoint to resume. ``run_dir=None`` keeps nothing."""
+
+    def __init__(self, run_dir: Path | None, *, writes: bool = True) -> None:
+        self.run_dir = run_dir
+        self.writes = writes
+        self._log: MetricsLog | None = None
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The checkpoint a resumed run continues from (``None`` without a run folder)."""
+        return None if self.run_dir is None else self.run_dir / "checkpoints" / "last.safetensors"
+
+    def start(self, *, resumed_at: int | None = None) -> None:
+        """Open the metrics log, cut after the epoch ``resumed_at`` (a fresh run in a reused
+        folder starts a fresh log)."""
+        if self.run_dir is None or not self.writes:
+            return
+        path = self.run_dir / METRICS_FILE
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed_at is not None or path.exists():
+            truncate_after(path, resumed_at or 0)
+        self._log = MetricsLog(path)
+
+    def epoch(
+        self, record: Mapping[str, Any], state: Callable[[], Mapping[str, Any]], *, best: bool
+    ) -> None:
+        """Append an epoch's ``record`` and save ``state()`` as the ``last`` checkpoint (copied to
+        ``best`` when ``best``)."""
+        if self._log is None or self.run_dir is None:
+            return
+        self._log.append(record)
+        save_run_checkpoint(self.run_dir / "checkpoints", state(), best=best)
+
+    def finish(self) -> None:
+        """Draw ``curves.png`` from the whole log."""
+        if self._log is not None and self.run_dir is not None:
+            plot_curves(self._log.read(), self.run_dir / "curves.png")

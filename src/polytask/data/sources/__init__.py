@@ -1,7 +1,9 @@
 """Datasets a run configuration can name: built-in sources (nothing is downloaded) and ``file``.
 
 Every builder takes keyword-only arguments, among them ``seed`` (passed by polytask: the
-registry's ``provided``), and returns a ``MultiLabelTable``.
+registry's ``provided``), and returns a ``MultiLabelTable``. Builders register themselves in
+``DATASETS`` (``polytask.data.sources.registry``) with ``@DATASETS.register(name)``; importing
+this package imports every one of them.
 
 Example:
     >>> from polytask.data.sources import DATASETS
@@ -12,14 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from polytask.data.multilabel import MultiLabelTable
-from polytask.registry import Registry
-
-DATASETS: Registry[Callable[..., MultiLabelTable]] = Registry("dataset", provided=("seed",))
-
-# the modules register their builders on import
-from polytask.data.sources import digits, file, modalities, recsys, river_data, synthetic  # noqa: E402
+from polytask.data.sources import digits, file, modalities, recsys, river_data, synthetic
+from polytask.data.sources.registry import DATASETS
 
 __all__ = ["DATASETS", "digits", "file", "modalities", "recsys", "river_data", "synthetic"]

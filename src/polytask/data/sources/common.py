@@ -25,6 +25,18 @@ def check_fraction(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be in [0, 1), found {value}")
 
 
+def check_minimums(source: str, values: dict[str, tuple[int, int]]) -> None:
+    """``ConfigError`` naming every parameter of ``values`` (name → (value, lowest allowed))
+    below its lowest value, as ``"<source>: num_x must be >= 1, found 0; ..."``."""
+    problems = [
+        f"{name} must be >= {low}, found {value}"
+        for name, (value, low) in values.items()
+        if value < low
+    ]
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
 def hide_labels(
     targets: dict[str, np.ndarray], tasks: list[TaskSpec], *, fraction: float, seed: int
 ) -> dict[str, np.ndarray]:

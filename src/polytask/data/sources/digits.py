@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polytask.data.multilabel import MultiLabelTable
-from polytask.data.sources import DATASETS
-from polytask.data.sources.common import hide_labels, rng_for
+from polytask.data.sources.common import check_minimums, hide_labels, rng_for
+from polytask.data.sources.registry import DATASETS
+from polytask.data.table import MultiLabelTable
 from polytask.errors import ConfigError
 from polytask.tasks import TaskSpec
 
@@ -67,13 +67,10 @@ def make_digit_pairs(
     """Pairs of digits drawn within each split's pool of source digits: the left digit near the
     top-left corner, the right one shifted down and right so the two overlap by ``overlap``
     pixels along each axis, each moved by a random ±``JITTER`` pixels, merged by pixel-wise max."""
-    for name, value, low in (
-        ("num_train", num_train, 1),
-        ("num_val", num_val, 0),
-        ("num_test", num_test, 0),
-    ):
-        if value < low:
-            raise ConfigError(f"multi-digits: {name} must be >= {low}, found {value}")
+    check_minimums(
+        "multi-digits",
+        {"num_train": (num_train, 1), "num_val": (num_val, 0), "num_test": (num_test, 0)},
+    )
     if not 0 <= overlap <= DIGIT_SIDE:
         raise ConfigError(f"multi-digits: overlap must be in 0..{DIGIT_SIDE}, found {overlap}")
     from sklearn.datasets import load_digits  # slow import (~0.8 s), only when building

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from polytask.data.files import read_frame, table_from_frame, tasks_from_dicts
-from polytask.data.multilabel import MultiLabelTable
-from polytask.data.sources import DATASETS
+from polytask.data.sources.registry import DATASETS
+from polytask.data.table import MultiLabelTable
 
 
 @DATASETS.register("file", "your own CSV or Parquet file: feature columns and label columns")

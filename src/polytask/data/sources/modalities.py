@@ -30,9 +30,9 @@ import numpy as np
 from polytask.data.audio import WaveformScaler, fit_length, read_wav, resample
 from polytask.data.files import read_frame, table_from_frame, tasks_from_dicts
 from polytask.data.images import ChannelNormalizer, read_image_folder
-from polytask.data.multilabel import MultiLabelTable
-from polytask.data.sources import DATASETS
-from polytask.data.sources.common import check_fraction, hide_labels, rng_for
+from polytask.data.sources.common import check_fraction, check_minimums, hide_labels, rng_for
+from polytask.data.sources.registry import DATASETS
+from polytask.data.table import MultiLabelTable
 from polytask.data.text import tokenizer_from_params
 from polytask.errors import ConfigError, DataError
 from polytask.tasks import TaskSpec
@@ -493,81 +493,33 @@ def multimodal_digits(
         UCI (``sklearn.datasets.load_digits``). Audio-visual digit pairs after Ngiam et al.,
         2011. Multimodal Deep Learning. ICML 2011.
     """
-    from sklearn.datasets import load_digits
-
-    from polytask.data.sources.digits import split_pools
-
-    if pair_with not in ("audio", "text"):
-        raise ConfigError(
-            f"multimodal-digits: pair_with must be audio or text, found {pair_with!r}"
-        )
-    for name, value, low in (
-        ("num_train", num_train, 1),
-        ("num_val", num_val, 0),
-        ("num_test", num_test, 0),
-    ):
-        if value < low:
-            raise ConfigError(f"multimodal-digits: {name} must be >= {low}, found {value}")
-    check_fraction("multimodal-digits: missing_modality", missing_modality)
-    if not 0.0 <= match_fraction <= 1.0:
-        raise ConfigError(
-            f"multimodal-digits: match_fraction must be in [0, 1], found {match_fraction}"
-        )
-    digits = load_digits()
-    images = np.asarray(digits.images, dtype=np.float32) / 16.0
-    labels = np.asarray(digits.target, dtype=np.int64)
-    pools = split_pools(labels, seed=seed)
     counts = (num_train, num_val, num_test)
-    chosen = np.concatenate(
-        [
-            rng_for(seed, 1 + code).choice(pool, size=count)
-            for code, (pool, count) in enumerate(zip(pools, counts, strict=True))
-        ]
-    ).astype(np.int64)
-    n = len(chosen)
-    image_digit = labels[chosen]
+    _check_multimodal(pair_with, counts, match_fraction, missing_modality)
+    images, image_digit = _digit_images(counts, seed=seed)
+    n = len(image_digit)
     rng = rng_for(seed, 5)
     same = rng.random(n) < match_fraction
     other = (image_digit + rng.integers(1, 10, size=n)) % 10
     paired = np.where(same, image_digit, other).astype(np.int64)
-    block = pair_with
-    inputs: dict[str, Any] = {"image": images[chosen][:, None]}
-    preprocessors: dict[str, Any] = {}
-    if pair_with == "audio":
-        spoken = make_spoken_digits(
-            paired,
-            num_speakers=num_speakers,
-            seed=seed,
-            stream=6,
-            sample_rate=sample_rate,
-            seconds=seconds,
-            snr_db=snr_db,
-        )
-        inputs["audio"] = spoken.audio
-        preprocessors["audio"] = WaveformScaler(sample_rate)
-    else:
-        check_fraction("multimodal-digits: typo_rate", typo_rate)
-        inputs["text"] = describe_digits(paired, rng_for(seed, 7), typo_rate)
-        params = {"max_length": 8, "vocab_size": 200, **(tokenizer or {})}
-        preprocessors["text"] = tokenizer_from_params(params, source="multimodal-digits")
-    # missing modalities: half of the affected samples lose the image, half the other block
-    missing = rng_for(seed, 8).random(n) < missing_modality
-    lose_image = missing & (rng_for(seed, 9).random(n) < 0.5)
-    lose_other = missing & ~lose_image
-    inputs["image"][lose_image] = 0.0
-    if pair_with == "audio":
-        inputs["audio"][lose_other] = 0.0
-    else:
-        inputs["text"] = [
-            "" if gone else t for t, gone in zip(inputs["text"], lose_other, strict=True)
-        ]
-    inputs["image_present"] = ~lose_image
-    inputs[f"{block}_present"] = ~lose_other
+    other_block, preprocessor = _paired_block(
+        pair_with,
+        paired,
+        seed=seed,
+        num_speakers=num_speakers,
+        sample_rate=sample_rate,
+        seconds=seconds,
+        snr_db=snr_db,
+        typo_rate=typo_rate,
+        tokenizer=tokenizer,
+    )
+    inputs: dict[str, Any] = {"image": images, pair_with: other_block}
+    lose_image, lose_other = _drop_modalities(inputs, pair_with, missing_modality, seed=seed)
     tasks = [
         TaskSpec("image_digit", "multiclass", num_classes=10),
         TaskSpec("paired_digit", "multiclass", num_classes=10),
         TaskSpec("match", "binary"),
     ]
+    missing = lose_image | lose_other
     targets: dict[str, np.ndarray] = {
         "image_digit": np.where(lose_image, -1, image_digit).astype(np.int64),
         "paired_digit": np.where(lose_other, -1, paired).astype(np.int64),
@@ -579,8 +531,101 @@ def multimodal_digits(
         tasks=tasks,
         split=np.repeat(np.arange(3, dtype=np.int8), counts),
         source="multimodal-digits",
-        preprocessors=preprocessors,
+        preprocessors={pair_with: preprocessor},
     )
+
+
+def _check_multimodal(
+    pair_with: str, counts: tuple[int, int, int], match_fraction: float, missing_modality: float
+) -> None:
+    """``ConfigError`` for a bad parameter of ``multimodal-digits``."""
+    if pair_with not in ("audio", "text"):
+        raise ConfigError(
+            f"multimodal-digits: pair_with must be audio or text, found {pair_with!r}"
+        )
+    num_train, num_val, num_test = counts
+    check_minimums(
+        "multimodal-digits",
+        {"num_train": (num_train, 1), "num_val": (num_val, 0), "num_test": (num_test, 0)},
+    )
+    check_fraction("multimodal-digits: missing_modality", missing_modality)
+    if not 0.0 <= match_fraction <= 1.0:
+        raise ConfigError(
+            f"multimodal-digits: match_fraction must be in [0, 1], found {match_fraction}"
+        )
+
+
+def _paired_block(
+    pair_with: str,
+    paired: np.ndarray,
+    *,
+    seed: int,
+    num_speakers: int,
+    sample_rate: int,
+    seconds: float,
+    snr_db: float,
+    typo_rate: float,
+    tokenizer: dict[str, Any] | None,
+) -> tuple[Any, Any]:
+    """The second modality naming the ``paired`` digits — waveforms or short texts — and its
+    preprocessor."""
+    if pair_with == "audio":
+        spoken = make_spoken_digits(
+            paired,
+            num_speakers=num_speakers,
+            seed=seed,
+            stream=6,
+            sample_rate=sample_rate,
+            seconds=seconds,
+            snr_db=snr_db,
+        )
+        return spoken.audio, WaveformScaler(sample_rate)
+    check_fraction("multimodal-digits: typo_rate", typo_rate)
+    texts = describe_digits(paired, rng_for(seed, 7), typo_rate)
+    params = {"max_length": 8, "vocab_size": 200, **(tokenizer or {})}
+    return texts, tokenizer_from_params(params, source="multimodal-digits")
+
+
+def _digit_images(counts: tuple[int, int, int], *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``counts`` train/val/test 8×8 digit images ``[N, 1, 8, 8]`` in [0, 1] with their digits,
+    each split drawn from its own pool of scikit-learn's digits (test images are unseen)."""
+    from sklearn.datasets import load_digits
+
+    from polytask.data.sources.digits import split_pools
+
+    digits = load_digits()
+    images = np.asarray(digits.images, dtype=np.float32) / 16.0
+    labels = np.asarray(digits.target, dtype=np.int64)
+    pools = split_pools(labels, seed=seed)
+    chosen = np.concatenate(
+        [
+            rng_for(seed, 1 + code).choice(pool, size=count)
+            for code, (pool, count) in enumerate(zip(pools, counts, strict=True))
+        ]
+    ).astype(np.int64)
+    return images[chosen][:, None], labels[chosen]
+
+
+def _drop_modalities(
+    inputs: dict[str, Any], block: str, fraction: float, *, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Blank one modality of a ``fraction`` of the samples in place (half of them lose the
+    image, half the ``block``: zeros or empty texts) and add the ``<block>_present`` masks;
+    returns (lost image, lost block) as bool arrays."""
+    n = len(inputs["image"])
+    missing = rng_for(seed, 8).random(n) < fraction
+    lose_image = missing & (rng_for(seed, 9).random(n) < 0.5)
+    lose_other = missing & ~lose_image
+    inputs["image"][lose_image] = 0.0
+    if block == "audio":
+        inputs["audio"][lose_other] = 0.0
+    else:
+        inputs["text"] = [
+            "" if gone else t for t, gone in zip(inputs["text"], lose_other, strict=True)
+        ]
+    inputs["image_present"] = ~lose_image
+    inputs[f"{block}_present"] = ~lose_other
+    return lose_image, lose_other
 
 
 # =============================================================================== real tweets

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polytask.data.multilabel import MultiLabelTable
-from polytask.data.sources import DATASETS
-from polytask.data.sources.common import rng_for
-from polytask.errors import ConfigError
+from polytask.data.sources.common import check_minimums, rng_for
+from polytask.data.sources.registry import DATASETS
+from polytask.data.table import MultiLabelTable
 from polytask.tasks import TaskSpec
 
 __all__ = [
@@ -184,7 +183,7 @@ def recsys_synthetic(
     ``log_price``, ``item_rating``, ``user_age``; categorical ``user_id``, ``item_id``,
     ``user_segment``, ``item_category``, ``device``, ``hour`` (integer ids; the ``categories``
     preprocessor turns them into codes, 0 = unseen in training). ``user_id`` is also the group
-    of GAUC (``polytask.ranking``).
+    of GAUC (``polytask.evaluate.ranking``).
 
     References:
         Ma, X., Zhao, L., Huang, G., Wang, Z., Hu, Z., Zhu, X. and Gai, K., 2018. Entire Space
@@ -192,38 +191,23 @@ def recsys_synthetic(
         SIGIR 2018. (The generative model above is ours; it mimics the structure of the Ali-CCP
         log of that paper, which is not redistributed in any package.)
     """
-    problems = []
-    for name, value, low in (
-        ("num_impressions", num_impressions, 1),
-        ("num_users", num_users, 1),
-        ("num_items", num_items, 1),
-        ("num_categories", num_categories, 1),
-    ):
-        if value < low:
-            problems.append(f"{name} must be >= {low}, found {value}")
-    if problems:
-        raise ConfigError("recsys-synthetic: " + "; ".join(problems))
-    log = generate_log(
-        seed=seed,
-        num_impressions=num_impressions,
-        num_users=num_users,
-        num_items=num_items,
-        num_categories=num_categories,
-    )
-    tasks = [
-        TaskSpec("click", "binary", metrics=METRICS),
-        TaskSpec("conversion", "binary", metrics=METRICS),
-    ]
+    sizes = {
+        "num_impressions": num_impressions,
+        "num_users": num_users,
+        "num_items": num_items,
+        "num_categories": num_categories,
+    }
+    check_minimums("recsys-synthetic", {name: (value, 1) for name, value in sizes.items()})
+    log = generate_log(seed=seed, **sizes)
     targets = {"click": log.click, "conversion": log.conversion}
-    if cvr_task:
-        tasks.append(TaskSpec("cvr", "binary", metrics=METRICS))
+    if cvr_task:  # the naive post-click target: conversions of clicked impressions only
         targets["cvr"] = np.where(log.click > 0, log.conversion, np.nan).astype(np.float32)
     categorical = log.categorical.astype(object)
     categorical[:, CATEGORICAL_COLUMNS.index("device")] = DEVICES[log.categorical[:, 4]]
     return MultiLabelTable(
         inputs={"numeric": log.numeric, "categorical": categorical},
         targets=targets,
-        tasks=tasks,
+        tasks=[TaskSpec(name, "binary", metrics=METRICS) for name in targets],
         feature_names=list(NUMERIC_COLUMNS),
         source="recsys-synthetic",
         categorical_names=list(CATEGORICAL_COLUMNS),

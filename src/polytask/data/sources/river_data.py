@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from polytask.data.multilabel import MultiLabelTable
-from polytask.data.sources import DATASETS
 from polytask.data.sources.common import hide_labels, sanitize
+from polytask.data.sources.registry import DATASETS
+from polytask.data.table import MultiLabelTable
 from polytask.errors import ConfigError, DataError
 from polytask.tasks import TaskSpec
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polytask.data.multilabel import MultiLabelTable
-from polytask.data.sources import DATASETS
 from polytask.data.sources.common import hide_labels, rng_for
+from polytask.data.sources.registry import DATASETS
+from polytask.data.table import MultiLabelTable
 from polytask.errors import ConfigError
 from polytask.tasks import TaskSpec
 

@@ -8,7 +8,8 @@ user's own impressions, weighted by the user's number of impressions:
     GAUC = Σ_u n_u · AUC_u / Σ_u n_u
 
 over the users whose impressions have both a positive and a negative label (AUC is undefined
-otherwise).
+otherwise). AUC and log-loss are computed as the ``auroc`` and ``log_loss`` metrics of binary
+tasks are (``polytask.tasks``), so a split's ``auc`` here is its ``auroc`` in ``evaluate``.
 
 ``ranking_report(model, dataset, tasks, groups)`` scores a split and reports, per binary task,
 ``auc``, ``gauc``, ``log_loss`` and the counts behind them; ``group_codes`` finds the user column
@@ -25,46 +26,42 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
+from torch import Tensor
+from torchmetrics.functional.classification import binary_auroc
 
-from polytask.data.multilabel import DataBundle, MultiLabelDataset
-from polytask.data.preprocess import inputs_to, num_rows, take_inputs
+from polytask.data.batches import MultiLabelDataset
+from polytask.data.bundle import DataBundle
 from polytask.errors import DataError
+from polytask.evaluate.inference import decoded_predictions
 from polytask.models import MultiTaskModel
-from polytask.tasks import TaskSpec
+from polytask.tasks import BinaryLogLoss, TaskSpec
 
-__all__ = ["auc", "gauc", "group_codes", "log_loss", "ranking_report", "score_dataset"]
+__all__ = ["auc", "gauc", "group_codes", "log_loss", "ranking_report"]
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their average rank."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    ranks = np.empty(len(values), dtype=np.float64)
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    ends = np.r_[starts[1:], len(values)]
-    for start, end in zip(starts, ends, strict=True):
-        ranks[order[start:end]] = (start + end + 1) / 2.0
-    return ranks
+def _binary(values: ArrayLike, labels: ArrayLike, what: str) -> tuple[Tensor, Tensor]:
+    """float64 tensors of the values (``what: "auc scores"``) and labels of equal length."""
+    s = torch.as_tensor(np.asarray(values, dtype=np.float64).reshape(-1))
+    y = torch.as_tensor(np.asarray(labels, dtype=np.float64).reshape(-1))
+    if s.shape != y.shape:
+        function, noun = what.split(" ")
+        raise DataError(f"{function}: {s.shape[0]} {noun} for {y.shape[0]} labels")
+    return s, y
 
 
 def auc(scores: ArrayLike, labels: ArrayLike) -> float:
     """ROC-AUC: the probability that a random positive scores above a random negative (ties
-    count one half), from the Mann-Whitney rank sum. NaN without both classes.
+    count one half), computed as the ``auroc`` metric of binary tasks is (torchmetrics'
+    ``binary_auroc``, which reads scores outside [0, 1] as logits). NaN without both classes.
 
     Example:
         >>> auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
         0.75
     """
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    y = np.asarray(labels, dtype=np.float64).reshape(-1)
-    if s.shape != y.shape:
-        raise DataError(f"auc: {s.shape[0]} scores for {y.shape[0]} labels")
-    positives = int((y == 1).sum())
-    negatives = int((y == 0).sum())
-    if positives == 0 or negatives == 0:
+    s, y = _binary(scores, labels, "auc scores")
+    if not bool((y == 1).any()) or not bool((y == 0).any()):
         return math.nan
-    rank_sum = _ranks(s)[y == 1].sum()
-    return float((rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives))
+    return float(binary_auroc(s, y.long(), validate_args=False))
 
 
 def _group_aucs(s: np.ndarray, y: np.ndarray, g: np.ndarray) -> tuple[float, int]:
@@ -104,19 +101,17 @@ def gauc(scores: ArrayLike, labels: ArrayLike, groups: ArrayLike) -> float:
 
 def log_loss(probabilities: ArrayLike, labels: ArrayLike, *, eps: float = 1e-7) -> float:
     """Mean binary cross-entropy ``-[y log p + (1 - y) log(1 - p)]``, ``p`` clipped to
-    ``[eps, 1 - eps]``. NaN for no sample.
+    ``[eps, 1 - eps]``, computed as the ``log_loss`` metric of binary tasks is
+    (``polytask.tasks.BinaryLogLoss``). NaN for no sample.
 
     Example:
         >>> round(log_loss([0.5, 0.9], [1, 1]), 4)  # (ln 2 + ln(1/0.9)) / 2
         0.3993
     """
-    p = np.clip(np.asarray(probabilities, dtype=np.float64).reshape(-1), eps, 1.0 - eps)
-    y = np.asarray(labels, dtype=np.float64).reshape(-1)
-    if p.shape != y.shape:
-        raise DataError(f"log_loss: {p.shape[0]} probabilities for {y.shape[0]} labels")
-    if len(p) == 0:
-        return math.nan
-    return float(-(y * np.log(p) + (1.0 - y) * np.log1p(-p)).mean())
+    p, y = _binary(probabilities, labels, "log_loss probabilities")
+    metric = BinaryLogLoss(eps=eps)
+    metric.update(p, y)
+    return float(metric.compute())
 
 
 def group_codes(bundle: DataBundle, split: str, column: str = "user_id") -> np.ndarray:
@@ -134,31 +129,6 @@ def group_codes(bundle: DataBundle, split: str, column: str = "user_id") -> np.n
     if not isinstance(inputs, dict) or "categorical" not in inputs:
         raise DataError(f"split {split!r} has no categorical input block")
     return inputs["categorical"][:, names.index(column)].cpu().numpy()
-
-
-@torch.no_grad()
-def score_dataset(
-    model: MultiTaskModel,
-    dataset: MultiLabelDataset,
-    tasks: Sequence[TaskSpec],
-    *,
-    batch_size: int = 1024,
-    device: torch.device | str = "cpu",
-) -> dict[str, np.ndarray]:
-    """Each task's decoded predictions (probabilities for binary tasks) on every row of
-    ``dataset``, in order."""
-    was_training = model.training
-    model.eval()
-    model.to(device)
-    chunks: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
-    n = num_rows(dataset.inputs)
-    for start in range(0, n, batch_size):
-        rows = torch.arange(start, min(start + batch_size, n))
-        outputs = model(inputs_to(take_inputs(dataset.inputs, rows), device)).outputs
-        for task in tasks:
-            chunks[task.name].append(task.decode(outputs[task.name]).float().cpu().numpy())
-    model.train(was_training)
-    return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in chunks.items()}
 
 
 def ranking_report(
@@ -185,7 +155,9 @@ def ranking_report(
         ['auc', 'gauc', 'gauc_groups', 'labelled', 'log_loss', 'positives']
     """
     binary = [t for t in tasks if t.kind == "binary"]
-    predictions = score_dataset(model, dataset, binary, batch_size=batch_size, device=device)
+    predictions = decoded_predictions(
+        model, dataset.inputs, binary, batch_size=batch_size, device=device
+    )
     group_array = None if groups is None else np.asarray(groups).reshape(-1)
     if group_array is not None and len(group_array) != len(dataset):
         raise DataError(f"ranking_report: {len(group_array)} groups for {len(dataset)} rows")
@@ -193,7 +165,8 @@ def ranking_report(
     for task in binary:
         target = dataset.targets[task.name].reshape(-1).float().cpu().numpy()
         labelled = np.isfinite(target) & (target >= 0)
-        p, y = predictions[task.name].reshape(-1)[labelled], target[labelled]
+        p = predictions[task.name].float().numpy().reshape(-1)[labelled]
+        y = target[labelled]
         entry: dict[str, float] = {
             "auc": auc(p, y),
             "log_loss": log_loss(p, y),

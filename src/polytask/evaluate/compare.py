@@ -1,4 +1,5 @@
-"""Per-task evaluation and the multi-task gain Δm% over single-task baselines.
+"""Comparing runs: the multi-task gain Δm% over single-task baselines, and tables of metrics
+over seeds.
 
 Δm% (Maninis, Radosavovic & Kokkinos, "Attentive Single-Tasking of Multiple Tasks", CVPR 2019)
 is the average relative difference of every metric of the multi-task model M_m against the
@@ -12,92 +13,9 @@ over all N metrics of all tasks, with l_i = 1 where lower is better.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-import torch
-from torch import Tensor
-
-from polytask.balancing.reduce import Reducer
-from polytask.data.preprocess import Inputs, inputs_to
-from polytask.models import MultiTaskModel
-from polytask.tasks import TaskSpec, compute_metrics
-
-Batch = tuple[Inputs, dict[str, Tensor]]
-TaskMetrics = dict[str, dict[str, float]]
-
-
-@torch.no_grad()
-def evaluate(
-    model: MultiTaskModel,
-    batches: Iterable[Batch],
-    tasks: Sequence[TaskSpec],
-    *,
-    device: torch.device | str = "cpu",
-    reducer: Reducer | None = None,
-) -> TaskMetrics:
-    """Each task's metrics (and mean ``loss`` over labelled samples) on ``batches``.
-
-    Under data parallelism each process passes its shard and a ``reducer``: loss sums are added
-    over processes and torchmetrics gathers the metric states, so every process gets the
-    metrics of the whole split."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    collections = {t.name: t.make_metrics().to(device) for t in tasks}
-    loss_sum = torch.zeros(len(tasks), dtype=torch.float64, device=device)
-    count_sum = torch.zeros(len(tasks), dtype=torch.float64, device=device)
-    for inputs, y in batches:
-        outputs = model(inputs_to(inputs, device)).outputs
-        for i, task in enumerate(tasks):
-            target = y[task.name].to(device, non_blocking=True)
-            loss, count = task.compute_loss(outputs[task.name], target)
-            loss_sum[i] += loss.double() * count
-            count_sum[i] += count
-            task.update_metrics(collections[task.name], outputs[task.name], target)
-    model.train(was_training)
-    if reducer is not None:
-        loss_sum, count_sum = reducer.sum(loss_sum), reducer.sum(count_sum)
-    losses = (loss_sum / count_sum.clamp_min(1)).tolist()
-    counts = count_sum.tolist()
-    result: TaskMetrics = {}
-    for i, task in enumerate(tasks):
-        metrics = compute_metrics(collections[task.name])
-        metrics["loss"] = losses[i] if counts[i] > 0 else math.nan
-        result[task.name] = metrics
-    return result
-
-
-def monitor_value(metrics: TaskMetrics, tasks: Sequence[TaskSpec], name: str) -> float:
-    """The early-stopping quantity: ``loss`` (mean of the tasks' losses) or ``task/metric``."""
-    if name == "loss":
-        values = [metrics[t.name]["loss"] for t in tasks if not math.isnan(metrics[t.name]["loss"])]
-        return sum(values) / len(values) if values else math.nan
-    task_name, _, metric = name.partition("/")
-    return metrics[task_name][metric]
-
-
-def monitor_higher_is_better(tasks: Sequence[TaskSpec], name: str) -> bool:
-    """Whether a larger value of the monitored quantity ``name`` is better."""
-    if name == "loss":
-        return False
-    task_name, _, metric = name.partition("/")
-    task = next(t for t in tasks if t.name == task_name)
-    return task.higher_is_better(metric)
-
-
-def monitor_problem(tasks: Sequence[TaskSpec], name: str) -> str | None:
-    """Why ``name`` cannot be monitored for these tasks, or ``None`` if it can."""
-    if name == "loss":
-        return None
-    task_name, sep, metric = name.partition("/")
-    by_name = {t.name: t for t in tasks}
-    if not sep or task_name not in by_name:
-        choices = ", ".join(f"{t.name}/<metric>" for t in tasks)
-        return f"expected 'loss' or one of {choices}, found {name!r}"
-    valid = [*by_name[task_name].metric_names, "loss"]
-    if metric not in valid:
-        return f"task {task_name!r} has no metric {metric!r}; valid: {', '.join(valid)}"
-    return None
+from polytask.tasks import TaskSpec
 
 
 def relative_gains(
@@ -139,6 +57,22 @@ def delta_m(
     return sum(values) / len(values) if values else math.nan
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation) of ``values``, NaN values left out; ``(nan, nan)`` when
+    none is left and a std of 0 for a single value.
+
+    >>> mean_std([1.0, 3.0, float("nan")])
+    (2.0, 1.4142135623730951)
+    """
+    kept = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not kept:
+        return math.nan, math.nan
+    mean = sum(kept) / len(kept)
+    if len(kept) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in kept) / (len(kept) - 1))
+
+
 def summarize_groups(
     groups: Mapping[str, Sequence[Mapping[str, Mapping[str, float]]]],
 ) -> dict[str, dict[str, dict[str, tuple[float, float, int]]]]:
@@ -153,10 +87,7 @@ def summarize_groups(
                     if value is not None and not math.isnan(value):
                         values.setdefault((task, metric), []).append(float(value))
         for (task, metric), xs in values.items():
-            mean = sum(xs) / len(xs)
-            std = (
-                math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-            )
+            mean, std = mean_std(xs)
             summary.setdefault(label, {}).setdefault(task, {})[metric] = (mean, std, len(xs))
     return summary
 

@@ -1,0 +1,80 @@
+"""The typer application, its consoles, and the one place where errors become exit codes.
+
+Library code raises ``PolytaskError``s; ``reports_errors`` (applied to every command by
+``command``) turns them, and any ``OSError`` (a file that cannot be read or written), into one red
+line naming the file and exit code 1, and Ctrl-C (or SIGTERM, see ``stop_on_sigterm``) into exit
+code 130.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from polytask.errors import PolytaskError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    help="Multi-task learning for PyTorch: train, evaluate and predict with one model for "
+    "several tasks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``message`` as one red error line; the ``Exit`` to raise."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def reports_errors(function: F) -> F:
+    """Run a command, turning ``PolytaskError`` into one line and exit 1, Ctrl-C into 130."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except PolytaskError as exc:
+            raise fail(str(exc), code=getattr(exc, "exit_code", 1)) from None
+        except OSError as exc:  # a file that cannot be read or written: name it
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise fail(f"{where}{exc.strerror or exc}") from None
+        except KeyboardInterrupt:
+            raise fail(
+                "interrupted; continue with: polytask train --resume <run folder>", code=130
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """Handle SIGTERM (a scheduler or ``kill`` stopping the job) like Ctrl-C: the run stops
+    cleanly, says where it is and how to resume it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def command(function: F) -> F:
+    """Register ``function`` as a command of ``app`` (its docstring is its ``--help``)."""
+    app.command()(reports_errors(function))
+    return function
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

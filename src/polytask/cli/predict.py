@@ -1,0 +1,23 @@
+"""``polytask predict``: every task's prediction for each row of a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from polytask.cli.app import command, err
+from polytask.serve.predict import predict_file
+
+
+@command
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder made by `polytask train`")],
+    input: Annotated[Path, typer.Argument(help="CSV or Parquet file of inputs")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="CSV or Parquet file to write")],
+    checkpoint: Annotated[str, typer.Option(help="best or last")] = "best",
+) -> None:
+    """Predict every task for each row of a CSV/Parquet file (one column per task out)."""
+    rows = predict_file(run_dir, input, output, checkpoint=checkpoint)
+    err.print(f"wrote {rows} predictions to {output}")

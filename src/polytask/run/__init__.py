@@ -2,10 +2,13 @@
 built, fitted and tested (``single``), a run folder is read back (``folder``), and experiments
 (single-task baselines and Δm%, methods × seeds) call one run (``experiments``).
 
-Example:
-    >>> from polytask.run import RunFolder, train_with_baselines   # doctest: +SKIP
-    >>> result = train_with_baselines(load_config("configs/multi-digits.yaml"))  # doctest: +SKIP
-    >>> RunFolder(result.run_dir).load_trained().model  # doctest: +SKIP
+Example (what ``polytask train`` does)::
+
+    from polytask.config import load_config
+    from polytask.run import RunFolder, train_with_baselines
+
+    result = train_with_baselines(load_config("configs/multi-digits.yaml"))
+    model = RunFolder(result.run_dir).load_trained().model
 """
 
 from polytask.run.experiments import (

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from polytask.balancing import BALANCERS
+from polytask.balancing import BALANCERS, build_balancer
 from polytask.data.batches import BatchLoader, MultiLabelDataset
 from polytask.models import build_model
 from polytask.runtime import DistributedContext, Runtime
@@ -51,13 +51,19 @@ def _methods() -> list[str]:
         if level is not None and level.default == "features":
             continue  # representation-level methods: not supported under DDP
         out.append(name)
-    return out
+    # DB-MTL's log transform around a loss weighting and two gradient methods
+    return [*out, "log:equal", "log:upgrad", "log:mgda"]
+
+
+def _balancer(method: str):
+    name = method.removeprefix("log:")
+    return build_balancer(name, TASKS, log_losses=name != method)
 
 
 def _one_step(method: str, ctx: DistributedContext | None) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = build_model(TASKS, (5,), encoder_params={"hidden": [16, 16]})
-    balancer = BALANCERS.get(method)(TASKS)
+    balancer = _balancer(method)
     params = [*model.parameters(), *balancer.parameters()]
     optimizer = torch.optim.SGD(params, lr=1.0)
     x, y = _data()

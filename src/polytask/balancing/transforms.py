@@ -32,6 +32,7 @@ from polytask.balancing.base import (
     present_mask,
     stack_losses,
 )
+from polytask.balancing.reduce import Reducer
 from polytask.errors import ConfigError
 from polytask.tasks import TaskSpec
 
@@ -59,9 +60,11 @@ class LogLosses(Balancer):
     ratios or logs of the losses: DWA, GLS, GradNorm, IMTL-L, FAMO) are refused with a
     ``ConfigError``. Absent tasks stay exactly 0.
     ``shared_params``, ``features``, ``present`` and ``grad_scale`` are passed through;
-    ``needs_shared_params``, ``needs_features``, ``supports_grad_scale`` and ``attach`` are the
-    inner balancer's; the inner balancer is a submodule, so ``parameters()`` and
-    ``state_dict()`` (keys prefixed ``inner.``) hold its own.
+    ``needs_shared_params``, ``needs_features``, ``supports_grad_scale``,
+    ``reduces_own_gradients``, ``attach`` and ``distribute`` are the inner balancer's; the inner
+    balancer is a submodule, so ``parameters()`` and ``state_dict()`` (keys prefixed
+    ``inner.``) hold its own. Under data parallelism the logarithm is taken of the global loss,
+    not of each process's share (``_global_log``).
     The result is the inner balancer's (its ``loss`` is the combined log-loss).
 
     Example:
@@ -90,9 +93,16 @@ class LogLosses(Balancer):
         self.needs_shared_params = inner.needs_shared_params  # type: ignore[misc]
         self.needs_features = inner.needs_features  # type: ignore[misc]
         self.supports_grad_scale = inner.supports_grad_scale  # type: ignore[misc]
+        self.reduces_own_gradients = inner.reduces_own_gradients  # type: ignore[misc]
 
     def attach(self, model: nn.Module) -> None:
         self.inner.attach(model)
+
+    def distribute(self, reducer: Reducer | None) -> None:
+        """Under data parallelism the inner balancer reduces (its method sees the global
+        log-losses, as on one process with the whole batch)."""
+        super().distribute(reducer)
+        self.inner.distribute(reducer)
 
     def backward(
         self,
@@ -105,13 +115,31 @@ class LogLosses(Balancer):
     ) -> BalanceResult:
         vector = stack_losses(self.task_names, losses)
         present = present_mask(vector, present)
+        logged = (
+            log_transform(vector, present, self.eps)
+            if self.reducer is None
+            else self._global_log(vector, present)
+        )
         return self.inner.backward(
-            log_transform(vector, present, self.eps),
+            logged,
             shared_params=shared_params,
             features=features,
             present=present,
             grad_scale=grad_scale,
         )
+
+    def _global_log(self, vector: Tensor, present: Tensor) -> Tensor:
+        """Each process's stand-in for ``log(L̄_k + eps)``, ``L̄`` the global loss (the mean of the
+        processes' surrogates): its value is ``log(L̄_k + eps)`` on every process and its
+        gradient ``∇L_k^local / (L̄_k + eps)`` averages over the processes to
+        ``∇L̄_k / (L̄_k + eps)`` — what one process with the whole batch computes. The log of a
+        process's own share would weigh each share by its own loss instead."""
+        assert self.reducer is not None
+        mean = self.reducer.mean(vector.detach())
+        slope = torch.where(
+            present & (mean >= 0), 1.0 / (mean.clamp_min(0) + self.eps), torch.zeros_like(mean)
+        )
+        return log_transform(mean, present, self.eps) + (vector - vector.detach()) * slope
 
 
 def build_balancer(

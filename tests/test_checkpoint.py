@@ -219,9 +219,12 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(
     before = path.read_bytes()
 
     monkeypatch.setattr(target, name, replacement, raising=False)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match="simulated") as info:
         save_checkpoint(path, {"epoch": 2, "w": torch.zeros(1000)})
     monkeypatch.undo()
+    message = str(info.value)  # one line naming the file; the CLI prints it as it is
+    assert message.startswith(f"{path}: cannot write checkpoint") and "\n" not in message
+    assert "previous checkpoint is unchanged" in message
 
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no tmp file left behind
@@ -301,3 +304,44 @@ def test_rng_state_survives_a_checkpoint(tmp_path: Path) -> None:
 def test_bad_rng_state_is_a_checkpoint_error() -> None:
     with pytest.raises(CheckpointError, match="RNG"):
         restore_rng_state({"torch": "not a state"})
+
+
+# --------------------------------------------------------------------------- checksums
+
+FIXTURES = Path(__file__).parent / "fixtures" / "runs-5eec728"
+
+
+def _flip_byte(path: Path, offset_from_end: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("offset_from_end", [1, 7, 40, 400])
+def test_flipped_bytes_in_a_tensor_are_refused_naming_the_file(
+    tmp_path: Path, offset_from_end: int
+) -> None:
+    path = tmp_path / "best.safetensors"
+    save_checkpoint(path, {"epoch": 3, "w": torch.linspace(0.0, 1.0, 200), "n": torch.arange(5)})
+    assert load_checkpoint(path)["epoch"] == 3
+    _flip_byte(path, offset_from_end)  # inside the tensor data: safetensors itself cannot tell
+    assert "checksum" in _one_line_error(path)
+
+
+def test_a_checkpoint_records_the_sha256_of_its_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, {"w": torch.ones(2, dtype=torch.bfloat16), "empty": torch.zeros(0)})
+    with safetensors.safe_open(str(path), framework="pt") as file:
+        digest = file.metadata()["polytask_sha256"]
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    # the metadata read without the tensors is not checked (nothing to check it against)
+    assert "w" in read_checkpoint_metadata(path)
+
+
+@pytest.mark.parametrize("name", ["tiny-uncertainty", "tiny-mgda"])
+@pytest.mark.parametrize("which", ["best", "last"])
+def test_checkpoints_without_a_checksum_still_load(name: str, which: str) -> None:
+    path = FIXTURES / name / "checkpoints" / f"{which}.safetensors"
+    with safetensors.safe_open(str(path), framework="pt") as file:
+        assert "polytask_sha256" not in file.metadata()  # written before checksums
+    assert load_checkpoint(path)["format"] == "polytask-checkpoint/1"

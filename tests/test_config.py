@@ -70,3 +70,22 @@ def test_overrides(tiny_yaml: Path) -> None:
         load_config(tiny_yaml, ["train.epochs"])
     with pytest.raises(ConfigError, match=r"train\.epocs: unknown key"):
         load_config(tiny_yaml, ["train.epocs=2"])
+
+
+def test_bytes_seeds_and_tasks_are_checked_up_front(tmp_path: Path, tiny_raw: dict) -> None:
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 0xe9 at offset 9\)"):
+        load_config(latin1)
+    with pytest.raises(ConfigError, match="a folder, not a config file"):
+        load_config(tmp_path)
+    for seed in (-1, 2**32, 1e30):
+        with pytest.raises(ConfigError, match="seed: "):
+            parse_config({**tiny_raw, "seed": seed})
+    assert parse_config({**tiny_raw, "seed": 2**32 - 1}).seed == 2**32 - 1
+    tiny_raw["data"]["tasks"] = []
+    with pytest.raises(ConfigError, match=r"data\.tasks: empty; leave it out"):
+        parse_config(tiny_raw)
+    tiny_raw["data"]["tasks"] = ["t2", "t1", "t2"]
+    with pytest.raises(ConfigError, match=r"data\.tasks: 't2' listed more than once"):
+        parse_config(tiny_raw)

@@ -260,3 +260,61 @@ def test_read_features(tmp_path: Path) -> None:
     holes.write_text("a,b\n1,2\n3,\n")
     with pytest.raises(DataError, match=r"holes\.csv: data row 2, feature column 'b': empty"):
         read_features(holes, ["a", "b"])
+
+
+# ----------------------------------------------------------------- no silent wrong data
+def test_a_duplicate_column_name_in_a_csv_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    # pandas alone reads the second `price` as `price.1`, a feature equal to the label
+    path.write_text("x1,price,x2,price\n1,2,3,2\n4,5,6,5\n")
+    with pytest.raises(DataError, match=r"data.csv: duplicate column name\(s\) 'price'") as err:
+        read_frame(path)
+    assert "columns 2, 4" in str(err.value)
+    with pytest.raises(DataError, match="duplicate column"):
+        load(path, tasks=[{"name": "price", "kind": "regression"}])
+
+
+def test_a_duplicate_column_name_in_a_parquet_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "data.parquet"
+    arrays = [pa.array([1.0, 2.0]), pa.array([0.0, 1.0]), pa.array([0.0, 1.0])]
+    pq.write_table(pa.table(arrays, names=["x", "y", "y"]), path)
+    with pytest.raises(DataError, match=r"duplicate column name\(s\) 'y'"):
+        read_frame(path)
+
+
+def test_a_regression_label_beyond_float32_is_an_error_naming_column_and_row(
+    tmp_path: Path,
+) -> None:
+    frame = sample_frame()
+    frame.loc[7, "price"] = 1e39  # float32 would make it inf, then a "missing" label
+    path = tmp_path / "data.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(
+        DataError, match=r"data row 8, column 'price': 1e\+39 is beyond the float32"
+    ):
+        load(path, tasks=TASKS, split_column="part")
+
+
+def test_a_feature_beyond_float32_is_an_error_naming_column_and_row() -> None:
+    frame = sample_frame()
+    frame.loc[2, "x1"] = -3e40
+    with pytest.raises(DataError, match=r"data row 3, column 'x1': -3e\+40 is beyond the float32"):
+        frame_table(frame)
+
+
+def test_the_file_source_records_the_file_fingerprint(tmp_path: Path) -> None:
+    import hashlib
+
+    path = tmp_path / "data.csv"
+    sample_frame().to_csv(path, index=False)
+    table = load(path, tasks=TASKS, split_column="part")
+    assert table.fingerprint == {
+        "file": str(path),
+        "size": path.stat().st_size,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+    bundle = build_bundle(table, val_fraction=0.1, test_fraction=0.1, seed=0)
+    assert bundle.info["datasets"][0]["fingerprint"] == table.fingerprint

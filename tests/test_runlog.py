@@ -123,3 +123,98 @@ def test_plot_shows_samples_seen_per_task(tmp_path: Path) -> None:
     assert seen.points
     plot_curves(records, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------- a kill at any moment
+
+
+def _trainer_state(epoch: int, best_epoch: int) -> dict[str, Any]:
+    """The parts of a Trainer's state the run log's checkpoints are judged by."""
+    import torch
+
+    return {
+        "epoch": epoch,
+        "early_stopping": {"best": -float(best_epoch), "best_epoch": best_epoch, "bad_epochs": 0},
+        "model": {"w": torch.full((3,), float(epoch))},
+    }
+
+
+# epoch -> improved: epochs 1 and 2 improve, 3 does not, 4 does
+_IMPROVED = {1: True, 2: True, 3: False, 4: True}
+
+
+def _run_epochs(run_dir: Path, epochs: range, best_epoch: int) -> int:
+    from polytask.train.runlog import RunLog
+
+    log = RunLog(run_dir)
+    log.start(resumed_at=epochs.start - 1 if epochs.start > 1 else None)
+    for epoch in epochs:
+        best_epoch = epoch if _IMPROVED[epoch] else best_epoch
+        state = _trainer_state(epoch, best_epoch)
+        log.epoch({"epoch": epoch}, lambda state=state: state, best=_IMPROVED[epoch])
+    return best_epoch
+
+
+def _killed_at(replace_call: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the ``replace_call``-th atomic rename (every checkpoint write ends with one) the
+    moment the process dies."""
+    import os
+
+    import polytask.io
+
+    calls = {"n": 0}
+    real = os.replace
+
+    def replace(source: Any, target: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == replace_call:
+            raise KeyboardInterrupt
+        real(source, target)
+
+    monkeypatch.setattr(polytask.io.os, "replace", replace)
+
+
+@pytest.mark.parametrize("kill_at", range(1, 8))
+def test_best_matches_last_after_a_kill_at_any_checkpoint_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_at: int
+) -> None:
+    from polytask.train.checkpoint import load_checkpoint, read_checkpoint_metadata
+
+    run_dir = tmp_path / "run"
+    _killed_at(kill_at, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        _run_epochs(run_dir, range(1, 5), 0)
+    monkeypatch.undo()
+
+    checkpoints = run_dir / "checkpoints"
+    last = checkpoints / "last.safetensors"
+    if not last.exists():  # killed before the first checkpoint: nothing to resume
+        return
+    resumed_at = read_checkpoint_metadata(last)["epoch"]
+    _run_epochs(run_dir, range(resumed_at + 1, resumed_at + 1), 0)  # resume, run nothing
+    recorded = read_checkpoint_metadata(last)["early_stopping"]["best_epoch"]
+    best = load_checkpoint(checkpoints / "best.safetensors")
+    assert best["epoch"] == recorded, "best.safetensors is not the epoch last records as best"
+    assert best["model"]["w"][0].item() == recorded
+
+
+def test_resuming_removes_the_temporary_files_a_kill_left(tmp_path: Path) -> None:
+    """A process killed inside ``atomic_path`` (SIGKILL, power loss) leaves its temporary file;
+    the run that resumes in the folder removes them, and nothing else."""
+    run_dir = tmp_path / "run"
+    _run_epochs(run_dir, range(1, 3), 0)
+    checkpoints = run_dir / "checkpoints"
+    left = [
+        checkpoints / ".last.safetensors.k2j4x_9a.tmp.safetensors",
+        checkpoints / ".best.safetensors.0abcdefg.tmp.safetensors",
+        run_dir / ".metrics.jsonl.a1b2c3d4.tmp.jsonl",
+        run_dir / ".curves.png.zz99yy88.tmp.png",
+        run_dir / ".results.json.q8w7e6r5.tmp",  # written by data.files.write_frame's scheme
+    ]
+    kept = [run_dir / ".lock", run_dir / "notes.tmp", run_dir / ".hidden", checkpoints / "x.tmp"]
+    for path in [*left, *kept]:
+        path.write_bytes(b"partial")
+
+    _run_epochs(run_dir, range(3, 3), 0)  # resume after epoch 2
+    assert [p for p in left if p.exists()] == []
+    assert all(p.exists() for p in kept)

@@ -134,6 +134,11 @@ class TrainConfig(_Strict):
     )
     accumulate_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     compile: bool = Field(False, description="torch.compile the model (falls back if unsupported)")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a NaN or infinite task loss or gradient ends the run (stop) or its optimizer "
+        "step is skipped and counted (skip)",
+    )
 
 
 class EvaluateConfig(_Strict):
@@ -149,7 +154,7 @@ class RunConfig(_Strict):
     """A whole run: everything `polytask train` needs."""
 
     name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="0 <= seed < 2**32")
     output_dir: str = "runs"
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -240,6 +245,20 @@ def _datasets_problems(config: RunConfig) -> list[str]:
     return problems
 
 
+def _tasks_problems(config: RunConfig) -> list[str]:
+    """Problems with ``data.tasks``, the tasks to train (which ones exist is known only once
+    the data is read)."""
+    tasks = config.data.tasks
+    if tasks is None:
+        return []
+    if not tasks:
+        return ["data.tasks: empty; leave it out to train every task"]
+    twice = sorted({t for t in tasks if tasks.count(t) > 1})
+    if twice:
+        return [f"data.tasks: {', '.join(map(repr, twice))} listed more than once"]
+    return []
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Set ``a.b.c=value`` entries (values parsed as YAML) in a nested dict, in place."""
     for item in overrides:
@@ -277,7 +296,7 @@ def parse_config(raw: Any, *, source: str = "config") -> RunConfig:
                 msg = "unknown key"
             lines.append(f"{_location(err['loc'])}: {msg}")
         raise ConfigError(_format(source, lines)) from None
-    problems = _registry_problems(config) + _datasets_problems(config)
+    problems = _registry_problems(config) + _datasets_problems(config) + _tasks_problems(config)
     if problems:
         raise ConfigError(_format(source, problems))
     return config
@@ -293,9 +312,19 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read, override and validate the YAML run configuration at ``path``."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        what = "a folder, not a config file" if path.is_dir() else "no such config file"
+        raise ConfigError(f"{path}: {what}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save the file as UTF-8"
+        ) from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from typing import Any
 __all__ = [
     "atomic_path",
     "json_ready",
+    "remove_temporaries",
     "strict_json",
     "write_bytes_atomic",
     "write_text_atomic",
@@ -75,6 +77,32 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+#: ``.<name>.<8 random characters>.tmp<suffixes>``: the temporary files of ``atomic_path`` (and of
+#: ``data.files.write_frame``, which names them the same way) that a killed process leaves.
+_TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^.]+)*")
+
+
+def remove_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files a process killed while writing into ``folder`` left there
+    (not in its subfolders); returns them. Call it only while no other process writes there.
+
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> (folder / ".last.safetensors.x1y2z3w4.tmp.safetensors").write_bytes(b"torn")
+    4
+    >>> [p.name for p in remove_temporaries(folder)], list(folder.iterdir())
+    (['.last.safetensors.x1y2z3w4.tmp.safetensors'], [])
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if _TEMPORARY.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -50,10 +51,8 @@ def reports_errors(function: F) -> F:
         except OSError as exc:  # a file that cannot be read or written: name it
             where = f"{exc.filename}: " if exc.filename else ""
             raise fail(f"{where}{exc.strerror or exc}") from None
-        except KeyboardInterrupt:
-            raise fail(
-                "interrupted; continue with: polytask train --resume <run folder>", code=130
-            ) from None
+        except KeyboardInterrupt:  # a run in its folder says how to resume (RunInterrupted)
+            raise fail("interrupted before anything was written", code=130) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -76,5 +75,9 @@ def command(function: F) -> F:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point; an interrupt outside a command (while the interpreter starts
+    or finishes) exits quietly with code 130."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

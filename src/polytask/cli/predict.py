@@ -17,7 +17,20 @@ def predict(
     input: Annotated[Path, typer.Argument(help="CSV or Parquet file of inputs")],
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV or Parquet file to write")],
     checkpoint: Annotated[str, typer.Option(help="best or last")] = "best",
+    keep: Annotated[
+        str,
+        typer.Option(
+            help="input columns to copy to the output before the predictions, comma-separated "
+            "(IDs), e.g. --keep user_id,item_id"
+        ),
+    ] = "",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace OUTPUT if it exists")
+    ] = False,
 ) -> None:
     """Predict every task for each row of a CSV/Parquet file (one column per task out)."""
-    rows = predict_file(run_dir, input, output, checkpoint=checkpoint)
+    columns = [name.strip() for name in keep.split(",") if name.strip()]
+    rows = predict_file(
+        run_dir, input, output, checkpoint=checkpoint, keep=columns, overwrite=overwrite
+    )
     err.print(f"wrote {rows} predictions to {output}")

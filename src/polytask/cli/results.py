@@ -17,6 +17,14 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4f}"
 
 
+def _no_labels(metrics: dict[str, float] | None) -> bool:
+    """Whether a task's metrics say it had no labelled sample in the split: every value NaN,
+    its loss included (``evaluate`` gives NaN rather than the 0.0 of an empty metric)."""
+    return bool(metrics) and all(
+        isinstance(v, float) and math.isnan(v) for v in (metrics or {}).values()
+    )
+
+
 def print_results(result: RunResult) -> None:
     """The per-task test table, with single-task baselines and Δm% when present."""
     table = Table(title=f"test metrics — {result.run_dir}")
@@ -29,6 +37,14 @@ def print_results(result: RunResult) -> None:
         table.add_column("gain %", justify="right")
         gains = relative_gains(result.test, result.baselines, result.tasks)
     for task in result.tasks:
+        if _no_labels(result.test[task.name]):
+            row = [task.name, "—", "no labels"]
+            if result.baselines is not None:
+                base = result.baselines.get(task.name)
+                row += ["no labels" if _no_labels(base) else "—", "—"]
+            table.add_row(*row)
+            table.add_section()
+            continue
         extra = [m for m in result.test[task.name] if m not in task.metric_names and m != "loss"]
         for i, metric in enumerate([*task.metric_names, *extra]):
             row = [task.name if i == 0 else "", metric, _fmt(result.test[task.name].get(metric))]

@@ -338,7 +338,7 @@ def _describe(
     weights: Sequence[float | None] | None,
 ) -> dict[str, Any]:
     """``info``: the source, the split sizes, and per table its name, source, tasks, split
-    sizes, rows in ``train`` and ``weight`` (when given)."""
+    sizes, rows in ``train``, ``weight`` (when given) and ``fingerprint`` (when known)."""
     datasets: list[dict[str, Any]] = []
     start = 0
     for i, ((name, table), parts) in enumerate(zip(named, rows, strict=True)):
@@ -353,6 +353,8 @@ def _describe(
         start += sizes["train"]
         if weights is not None and weights[i] is not None:
             entry["weight"] = weights[i]
+        if table.fingerprint is not None:
+            entry["fingerprint"] = table.fingerprint
         datasets.append(entry)
     source = named[0][1].source if len(named) == 1 else "+".join(name for name, _ in named)
     totals = {s: sum(d["sizes"][s] for d in datasets) for s in SPLITS}

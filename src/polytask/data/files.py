@@ -6,11 +6,14 @@ File conventions:
 * an empty cell is a missing label (``-1``, the library's code for a missing label, is
   accepted too); multiclass labels are integers ``0..C-1``, binary and multilabel labels 0/1;
 * rows in messages are *data rows counted from 1*, the header excluded (data row 1 is line 2
-  of a CSV file).
+  of a CSV file);
+* column names are unique (a name given twice is an error, not pandas' ``a.1``), and a number
+  that float32 cannot hold (beyond ±3.4e38) is an error, not an infinity.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -39,17 +42,52 @@ def file_format(path: Path) -> str:
 
 def read_frame(path: Path) -> pd.DataFrame:
     """The table in a CSV or Parquet file; ``DataError`` naming the file when it is missing,
-    of an unknown type, or unreadable."""
+    of an unknown type, unreadable, or has a column name twice."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     kind = file_format(path)
     try:
+        _check_unique_columns(path, _column_names(path, kind))
         return pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
     except ImportError as exc:
         raise DataError(f"{path}: reading {kind} files needs pyarrow: {exc}") from exc
     except (OSError, ValueError) as exc:  # parser, encoding, empty-file and Arrow errors
         raise DataError(f"{path}: cannot read it as {kind}: {exc}") from exc
+
+
+def _column_names(path: Path, kind: str) -> list[str]:
+    """The column names as the file spells them (pandas renames a repeated ``a`` to ``a.1``)."""
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return [str(name) for name in pq.read_schema(path).names]
+    header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False)
+    return [str(name) for name in header.iloc[0].tolist()] if len(header) else []
+
+
+def _check_unique_columns(path: Path, names: Sequence[str]) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        where = "; ".join(
+            f"{n!r} is columns {', '.join(str(i + 1) for i, m in enumerate(names) if m == n)}"
+            for n in repeated
+        )
+        raise DataError(
+            f"{path}: duplicate column name(s) {', '.join(map(repr, repeated))} ({where}); "
+            "every column needs its own name"
+        )
+
+
+def file_fingerprint(path: Path) -> dict[str, Any]:
+    """What identifies a data file's content: ``{"file", "size", "sha256"}`` (recorded by a
+    run, so that evaluating or resuming it can tell when the file changed)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"file": str(path), "size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def write_frame(frame: pd.DataFrame, path: Path) -> None:
@@ -76,9 +114,13 @@ def _row(position: int) -> str:
     return f"data row {position + 1}"
 
 
+#: the largest magnitude a float32 holds; beyond it a cast gives infinity
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _numbers(frame: pd.DataFrame, column: str, source: str, hint: str) -> np.ndarray:
     """Column ``column`` as float64 (NaN where empty); ``DataError`` at the first cell that is
-    not a number, with ``hint`` appended."""
+    not a number (with ``hint`` appended) or a finite number beyond float32's range."""
     values = frame[column]
     numeric = pd.to_numeric(values, errors="coerce")
     bad = np.flatnonzero((numeric.isna() & values.notna()).to_numpy())
@@ -87,7 +129,15 @@ def _numbers(frame: pd.DataFrame, column: str, source: str, hint: str) -> np.nda
             f"{source}: {_row(int(bad[0]))}, column {column!r}: {values.iloc[bad[0]]!r} is not a "
             f"number; {hint}"
         )
-    return numeric.to_numpy(dtype=np.float64, na_value=np.nan)
+    array = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        huge = np.flatnonzero(np.isfinite(array) & (np.abs(array) > FLOAT32_MAX))
+    if len(huge):
+        raise DataError(
+            f"{source}: {_row(int(huge[0]))}, column {column!r}: {array[huge[0]]:g} is beyond "
+            f"the float32 range (±{FLOAT32_MAX:.4g}); rescale the column"
+        )
+    return array
 
 
 def _feature_matrix(frame: pd.DataFrame, columns: Sequence[str], source: str) -> np.ndarray:

@@ -32,6 +32,10 @@ class MultiLabelTable:
     a block name to a preprocessor fitted on the training rows (``polytask.data.preprocess``);
     by default numeric blocks are standardised and a ``categorical`` block (raw values, any type,
     ``None``/NaN = missing) gets a vocabulary per column (``categorical_names``).
+
+    ``fingerprint`` identifies what the table was read from (JSON-ready): a file's size and
+    SHA-256 (``polytask.data.files.file_fingerprint``), or a built-in dataset's name and
+    parameters (``polytask.data.sources.load_dataset``).
     """
 
     inputs: np.ndarray | dict[str, Any]
@@ -42,6 +46,7 @@ class MultiLabelTable:
     source: str = "dataset"
     categorical_names: list[str] | None = None
     preprocessors: dict[str, Preprocessor] = field(default_factory=dict)
+    fingerprint: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         if isinstance(self.inputs, dict):

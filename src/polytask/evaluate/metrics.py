@@ -27,7 +27,8 @@ def evaluate(
     device: torch.device | str = "cpu",
     reducer: Reducer | None = None,
 ) -> TaskMetrics:
-    """Each task's metrics (and mean ``loss`` over labelled samples) on ``batches``.
+    """Each task's metrics (and mean ``loss`` over labelled samples) on ``batches``; NaN for a
+    task with no labelled sample there (``null`` in ``results.json``, "no labels" in tables).
 
     Under data parallelism each process passes its shard and a ``reducer``: loss sums are added
     over processes and torchmetrics gathers the metric states, so every process gets the
@@ -49,8 +50,11 @@ def evaluate(
     counts = count_sum.tolist()
     result: TaskMetrics = {}
     for i, task in enumerate(tasks):
-        metrics = compute_metrics(collections[task.name])
-        metrics["loss"] = losses[i] if counts[i] > 0 else math.nan
+        if counts[i] > 0:  # the counts are global: every process computes (and syncs) alike
+            metrics = compute_metrics(collections[task.name])
+            metrics["loss"] = losses[i]
+        else:  # no labelled sample: no metric (an empty torchmetrics state gives 0.0, or fails)
+            metrics = {str(name): math.nan for name in [*collections[task.name].keys(), "loss"]}
         result[task.name] = metrics
     return result
 

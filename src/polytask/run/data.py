@@ -17,7 +17,7 @@ from polytask.config import DatasetEntry, RunConfig
 from polytask.data.batches import BatchLoader
 from polytask.data.bundle import DataBundle, NamedTable, build_bundle
 from polytask.data.mixing import MultiTaskMixer, mixer_from_bundle
-from polytask.data.sources import DATASETS
+from polytask.data.sources import load_dataset
 from polytask.data.table import select_tasks
 from polytask.errors import ConfigError, unknown_name
 from polytask.tasks import class_balanced_weights
@@ -45,7 +45,7 @@ def dataset_tables(
     weights: list[float | None] = []
     offered: list[str] = []
     for i, entry in enumerate(entries):
-        table = DATASETS.get(entry.dataset)(seed=seed, **entry.params)
+        table = load_dataset(entry.dataset, entry.params, seed=seed)
         known = [t.name for t in table.tasks]
         names = list(entry.tasks or known)
         unknown = [n for n in names if n not in known]

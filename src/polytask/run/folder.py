@@ -4,7 +4,10 @@ A run folder holds ``config.yaml`` (the resolved configuration), ``run.json`` (t
 fitted target scales, input shape, feature names, fitted preprocessing), ``metrics.jsonl``,
 ``curves.png``, ``checkpoints/{best,last}.safetensors``, ``results.json`` and, with baselines,
 ``baselines/<task>/`` (one single-task run folder per task). Every checkpoint carries the same
-metadata as ``run.json``, so ``load_trained`` needs nothing but the checkpoint.
+metadata as ``run.json``, so ``load_trained`` needs nothing but the checkpoint. That metadata
+records each dataset's fingerprint (``data.datasets[i].fingerprint``: a file's size and SHA-256,
+or a built-in dataset's name and parameters); ``check_data`` refuses to evaluate or resume a run
+on data that changed since.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from polytask import __version__
 from polytask.config import RunConfig, config_to_dict, load_config, parse_config
 from polytask.data.bundle import DataBundle, apply_preprocessors
 from polytask.data.preprocess import Inputs, Preprocessor, preprocessor_from_dict
-from polytask.errors import CheckpointError, ConfigError, RunInterrupted
+from polytask.errors import CheckpointError, ConfigError, DataError, RunInterrupted
 from polytask.io import strict_json, write_text_atomic
 from polytask.models import MultiTaskModel
 from polytask.run.build import build_model_for
@@ -45,6 +48,7 @@ RESUMABLE_FIELDS = (
     "train.device",
     "train.early_stopping.patience",
     "train.early_stopping.min_delta",
+    "train.nonfinite",
     "schedule.",
     "evaluate.",
     "data.eval_batch_size",
@@ -204,7 +208,7 @@ class RunFolder:
         saved = stored.get("metadata", {}).get("config")
         if saved is None:
             return edited, []
-        changes = config_differences(saved, config_to_dict(edited))
+        changes = config_differences(_with_defaults(saved), config_to_dict(edited))
         refused = [c for c in changes if not c[0].startswith(RESUMABLE_FIELDS)]
         if refused:
             fields = "; ".join(f"{field}: {old!r} -> {new!r}" for field, old, new in refused)
@@ -214,6 +218,28 @@ class RunFolder:
                 "patience, evaluation and display settings may change on resume)"
             )
         return edited, [f"{field}: {old!r} -> {new!r}" for field, old, new in changes]
+
+    def check_data(self, bundle: DataBundle, checkpoint: str = "best") -> None:
+        """``DataError`` (one line) when the data ``bundle`` was read from is not what the run
+        was trained on: a file's size or SHA-256, or a built-in dataset's parameters, differ
+        from the fingerprint in checkpoint ``checkpoint``. A run that recorded no fingerprint
+        (written by an earlier polytask), or a missing checkpoint, is not checked."""
+        path = self.checkpoint(checkpoint)
+        if not path.is_file():
+            return
+        stored = read_checkpoint_metadata(path).get("metadata", {})
+        recorded = (stored.get("data") or {}).get("datasets") or []
+        now = {d["name"]: d.get("fingerprint") for d in bundle.info.get("datasets", [])}
+        for entry in recorded:
+            before, after = entry.get("fingerprint"), now.get(entry.get("name"))
+            if before is None or after is None:
+                continue
+            changed = _fingerprint_change(before, after)
+            if changed:
+                raise DataError(
+                    f"{changed} since the run in {self.path} was trained, so its splits and "
+                    "metrics would not be the run's; restore it or train a new run"
+                )
 
     def load_weights(self, model: MultiTaskModel, checkpoint: str = "best") -> None:
         """Load a checkpoint's model weights into ``model``."""
@@ -286,6 +312,35 @@ class RunFolder:
     def write_results(self, results: dict[str, Any]) -> None:
         """``results.json``: strict JSON, a metric that is not a number written as ``null``."""
         write_text_atomic(self.results_path, strict_json(results, indent=2))
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A stored configuration with the fields added since it was written at their defaults
+    (an older run folder's config lacks them); as stored if it no longer parses."""
+    try:
+        return config_to_dict(parse_config(saved, source="checkpoint"))
+    except ConfigError:
+        return saved
+
+
+def _fingerprint_change(before: dict[str, Any], after: dict[str, Any]) -> str | None:
+    """What differs between two fingerprints of one dataset, or ``None``.
+
+    >>> _fingerprint_change({"file": "a.csv", "size": 9, "sha256": "ab"},
+    ...                     {"file": "a.csv", "size": 9, "sha256": "cd"})
+    'a.csv: changed (size 9 -> 9 bytes, sha256 ab… -> cd…)'
+    """
+    if "sha256" in before:
+        if (before.get("size"), before["sha256"]) == (after.get("size"), after.get("sha256")):
+            return None
+        return (
+            f"{before.get('file', after.get('file'))}: changed (size {before.get('size')} -> "
+            f"{after.get('size')} bytes, sha256 {before['sha256'][:12]}… -> "
+            f"{str(after.get('sha256'))[:12]}…)"
+        )
+    if before == after:
+        return None
+    return f"dataset {before.get('dataset')!r}: generated differently ({before} -> {after})"
 
 
 def load_trained(run_dir: str | Path, *, checkpoint: str = "best") -> TrainedModel:

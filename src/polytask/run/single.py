@@ -79,6 +79,8 @@ def train_run(
     if run_dir is None:  # rank 0 picks the free name; every process uses it
         run_dir = Path(ctx.broadcast(str(RunFolder.fresh(config).path) if ctx.is_main else None))
     folder = RunFolder(run_dir)
+    if resume:
+        folder.check_data(bundle, "last")
     metadata = run_metadata(config, bundle)
     model = build_model_for(config, bundle.tasks, bundle.input_shape)
     balancer = build_balancer_for(config, bundle.tasks)
@@ -89,6 +91,12 @@ def train_run(
     # everything above only reads: a bad setting fails before the folder exists
     with folder.session(None if resume else metadata, owner=ctx.is_main):
         fit = trainer.fit(resume=resume)
+        if fit.best_epoch == 0:  # a value that is not finite is never the best
+            raise ConfigError(
+                f"train.early_stopping.metric: {config.train.early_stopping.metric} was NaN or "
+                "infinite at every epoch, so no model is the best (the model diverged, or no "
+                "validation sample is labelled for it: monitor another task's metric or 'loss')"
+            )
         folder.load_weights(model, "best")
         test = _test_metrics(config, model, bundle, ctx)
         result = RunResult(run_dir=folder.path, tasks=bundle.tasks, test=test, fit=fit)
@@ -140,6 +148,7 @@ def _trainer(
         metadata=metadata,
         progress=progress,
         accumulate_steps=config.train.accumulate_steps,
+        nonfinite=config.train.nonfinite,
     )
 
 
@@ -205,6 +214,7 @@ def evaluate_run(run_dir: Path) -> RunResult:
     config = trained.config
     seed_everything(config.seed, deterministic=config.train.deterministic)
     bundle = build_data(config)
+    folder.check_data(bundle, "best")
     trained.model.to(resolve_device(config.train.device))
     test = _test_metrics(config, trained.model, bundle)
     return RunResult(run_dir=folder.path, tasks=trained.tasks, test=test)

@@ -19,6 +19,11 @@ SKELETON is the saved state with every value JSON cannot hold replaced by a mark
   state uses int keys), or whose keys would be mistaken for a marker; keys are encoded like
   values, so ``0``, ``(1, 2)`` or ``None`` come back with their type.
 
+The header metadata also holds ``"polytask_sha256"``, the SHA-256 of the JSON document and of
+every tensor (name, dtype, shape and bytes, in name order): a file whose bytes changed on disk
+is refused when it is loaded. Checkpoints written before the checksum existed have no such
+entry and load unchecked.
+
 Nothing is ever pickled: loading runs no code. Saving goes through ``polytask.io``'s one atomic
 write (a temporary file in the same folder, fsynced, renamed over ``path``, the folder fsynced),
 so ``path`` always holds either the previous checkpoint or the new one, never a mix.
@@ -26,6 +31,7 @@ so ``path`` always holds either the previous checkpoint or the new one, never a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -61,6 +67,7 @@ CHECKPOINT_FORMAT = "polytask-checkpoint/1"
 """The ``format`` entry of a Trainer's state (what it needs to continue a run exactly)."""
 
 _METADATA_KEY = "polytask"
+_CHECKSUM_KEY = "polytask_sha256"
 _TENSOR = "__tensor__"
 _NDARRAY = "__ndarray__"
 _NPSCALAR = "__npscalar__"
@@ -209,11 +216,25 @@ def _tensor(tensors: Mapping[str, torch.Tensor], key: Any, where: str) -> torch.
 # --------------------------------------------------------------------------- files
 
 
+def _checksum(text: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of the JSON document and of every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(text.encode("utf-8"))
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        described = json.dumps([key, str(tensor.dtype), list(tensor.shape)], ensure_ascii=False)
+        digest.update(described.encode("utf-8"))
+        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        digest.update(raw.numpy().data)
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     """Save a nested ``state`` (dicts, lists, tuples, scalars, tensors, arrays) atomically.
 
     The parent folder is created if needed. Raises ``TypeError`` naming the offending path
-    for a value that can't be saved (anything else than the types above).
+    for a value that can't be saved (anything else than the types above), and
+    ``CheckpointError`` (one line naming ``path``) when the file cannot be written (a full
+    disk...): ``path`` then still holds the previous checkpoint, if there was one.
     """
     path = Path(path)
     encoder = _Encoder()
@@ -221,19 +242,43 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     text = json.dumps(
         {"version": FORMAT_VERSION, "state": skeleton}, allow_nan=False, ensure_ascii=False
     )
-    data = safetensors.torch.save(encoder.tensors, metadata={_METADATA_KEY: text, "format": "pt"})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(path, data)
+    metadata = {
+        _METADATA_KEY: text,
+        _CHECKSUM_KEY: _checksum(text, encoder.tensors),
+        "format": "pt",
+    }
+    try:
+        data = safetensors.torch.save(encoder.tensors, metadata=metadata)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, data)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+
+
+def _write_error(path: Path, exc: OSError) -> CheckpointError:
+    reason = exc.strerror or _one_line(exc)
+    if exc.filename and Path(exc.filename).name != path.name:
+        reason = f"{exc.filename}: {reason}"
+    return CheckpointError(
+        f"{path}: cannot write checkpoint ({reason}); the previous checkpoint is unchanged"
+    )
 
 
 def copy_checkpoint(source: Path, target: Path) -> None:
     """Copy a checkpoint file to ``target`` atomically (e.g. ``last`` → ``best``)."""
-    write_bytes_atomic(target, Path(source).read_bytes())
+    data = _read_bytes(Path(source))
+    try:
+        write_bytes_atomic(target, data)
+    except OSError as exc:
+        raise _write_error(Path(target), exc) from exc
 
 
 def save_run_checkpoint(directory: Path, state: Mapping[str, Any], *, best: bool) -> None:
     """Write ``state`` to ``directory/last.safetensors`` and, when ``best``, copy it to
-    ``best.safetensors`` (the folder is created if needed)."""
+    ``best.safetensors`` (the folder is created if needed).
+
+    A process killed between the two writes leaves ``best`` one improvement behind the
+    ``last`` that records it; ``polytask.train.runlog.RunLog`` puts it right on resume."""
     last = Path(directory) / "last.safetensors"
     save_checkpoint(last, state)
     if best:
@@ -292,11 +337,25 @@ def _header_metadata(path: Path, data: bytes) -> dict[str, str] | None:
     return metadata if isinstance(metadata, dict) else None
 
 
+def _verify(
+    path: Path, metadata: Mapping[str, str] | None, tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """Compare the checksum saved with the file to its content (files without one pass)."""
+    expected = (metadata or {}).get(_CHECKSUM_KEY)
+    if expected is None:
+        return
+    if _checksum((metadata or {})[_METADATA_KEY], tensors) != expected:
+        raise CheckpointError(
+            f"{path}: corrupt checkpoint: its content does not match the SHA-256 checksum "
+            "saved with it (the file changed on disk); use another checkpoint or retrain"
+        )
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`; tensors come back on CPU.
 
     Raises ``CheckpointError`` (one line, naming ``path``) for a missing, truncated, corrupt
-    or non-polytask file.
+    (checksum mismatch) or non-polytask file.
     """
     path = Path(path)
     data = _read_bytes(path)
@@ -306,7 +365,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: not a readable safetensors checkpoint ({_one_line(exc)})"
         ) from exc
-    skeleton = _parse_skeleton(path, _header_metadata(path, data))
+    metadata = _header_metadata(path, data)
+    skeleton = _parse_skeleton(path, metadata)
+    _verify(path, metadata, tensors)
     try:
         state = _decode(skeleton, tensors, str(path))
     except CheckpointError:

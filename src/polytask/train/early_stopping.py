@@ -34,9 +34,10 @@ class EarlyStopping:
     bad_epochs: int = 0
 
     def update(self, value: float, epoch: int) -> bool:
-        """Record ``value`` at ``epoch``; True when it is the best so far."""
-        if math.isnan(value):
-            improved = math.isnan(self.best)
+        """Record ``value`` at ``epoch``; True when it is the best so far. A value that is not
+        finite (NaN: a diverged model, or no labelled validation sample) is never the best."""
+        if not math.isfinite(value):
+            improved = False
         elif math.isnan(self.best):
             improved = True
         elif self.higher_is_better:

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from polytask.errors import CheckpointError
-from polytask.io import atomic_path, strict_json, write_text_atomic
-from polytask.train.checkpoint import save_run_checkpoint
+from polytask.io import atomic_path, remove_temporaries, strict_json, write_text_atomic
+from polytask.train.checkpoint import copy_checkpoint, read_checkpoint_metadata, save_run_checkpoint
 
 __all__ = [
     "METRICS_FILE",
@@ -35,6 +35,7 @@ __all__ = [
     "epoch_record",
     "plot_curves",
     "read_metrics",
+    "reconcile_best",
     "truncate_after",
 ]
 
@@ -334,6 +335,31 @@ def plot_curves(records: list[dict[str, Any]], path: Path, *, title: str = "") -
 # --------------------------------------------------------------------------- a run's files
 
 
+def reconcile_best(directory: Path) -> bool:
+    """Copy ``last`` over ``best`` when ``last`` records its own epoch as the best one but
+    ``best`` holds another epoch; returns whether it did.
+
+    Each epoch writes ``last`` and then, when it improved, copies it to ``best``; a process
+    killed between the two leaves ``best`` one improvement behind. That ``last`` is then the
+    best state, so the copy is exact. Any other pair is left alone."""
+    last, best = Path(directory) / "last.safetensors", Path(directory) / "best.safetensors"
+    if not last.is_file():
+        return False
+    state = read_checkpoint_metadata(last)
+    epoch, stopping = state.get("epoch"), state.get("early_stopping")
+    if not isinstance(epoch, int) or not isinstance(stopping, Mapping):
+        return False
+    if stopping.get("best_epoch") != epoch:
+        return False
+    try:
+        if best.is_file() and read_checkpoint_metadata(best).get("epoch") == epoch:
+            return False
+    except CheckpointError:  # a torn or corrupt best: last is the best state, replace it
+        pass
+    copy_checkpoint(last, best)
+    return True
+
+
 class RunLog:
     """What a training run keeps in ``run_dir``: ``metrics.jsonl``, ``checkpoints/last`` (and
     ``best``) and ``curves.png``. Only the process that ``writes`` (rank 0) touches them; every
@@ -351,10 +377,15 @@ class RunLog:
 
     def start(self, *, resumed_at: int | None = None) -> None:
         """Open the metrics log, cut after the epoch ``resumed_at`` (a fresh run in a reused
-        folder starts a fresh log)."""
+        folder starts a fresh log). A resumed run first removes the temporary files a killed
+        process left and puts ``best`` back in step with ``last`` (see ``reconcile_best``)."""
         if self.run_dir is None or not self.writes:
             return
         path = self.run_dir / METRICS_FILE
+        if resumed_at is not None:
+            for folder in (self.run_dir, self.run_dir / "checkpoints"):
+                remove_temporaries(folder)
+            reconcile_best(self.run_dir / "checkpoints")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resumed_at is not None or path.exists():
             truncate_after(path, resumed_at or 0)

@@ -5,8 +5,8 @@ For each epoch: draw batches, compute every task's masked loss, let the balancer
 ``metrics.jsonl``, write the ``last`` checkpoint (and ``best`` when the monitored metric
 improved), and stop early when it has not improved for ``patience`` epochs.
 
-The training step never synchronises with the host: running sums stay on the device and are read
-once per epoch (and, throttled, for the progress bar).
+The training step never synchronises with the host: running sums and non-finite flags stay on
+the device and are read once per epoch (and, throttled, for the progress bar).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from polytask.tasks import TaskSpec
 from polytask.train import checkpoint
 from polytask.train.early_stopping import EarlyStopping
 from polytask.train.meter import EpochMeter, micro_batches
+from polytask.train.nonfinite import NonFiniteGuard
 from polytask.train.progress import ProgressBar, note_update_every
 from polytask.train.runlog import RunLog, epoch_record
 
@@ -77,6 +78,8 @@ class Trainer:
         metadata: JSON-ready facts stored in every checkpoint (config, tasks, preprocessing).
         callbacks: called with each epoch's record after it is logged and checkpointed.
         accumulate_steps: batches (micro-batches) per optimizer step.
+        nonfinite: a NaN or infinite task loss or gradient ends the run (``"stop"``) or its
+            step is undone (``"skip"``); see ``polytask.train.nonfinite``.
     """
 
     def __init__(
@@ -99,22 +102,22 @@ class Trainer:
         progress: bool = True,
         description: str = "train",
         accumulate_steps: int = 1,
+        nonfinite: str = "stop",
     ) -> None:
         self.model, self.balancer, self.tasks = model, balancer, list(tasks)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_batches, self.val_batches = train_batches, val_batches
         self.epochs, self.grad_clip = epochs, grad_clip
         self.early_stopping = early_stopping or EarlyStopping()
-        self.metadata = dict(metadata or {})
-        self.callbacks = list(callbacks)
-        self.description = description
-        self.accumulate_steps = accumulate_steps
+        self.metadata, self.callbacks = dict(metadata or {}), list(callbacks)
+        self.description, self.accumulate_steps = description, accumulate_steps
         self.runtime = runtime or Runtime()
         self.device = self.runtime.device
         self.progress = progress and self.runtime.is_main  # rank 0 alone logs, plots and saves
         self.files = RunLog(run_dir, writes=self.runtime.is_main)
         self.epoch = self.step = 0
         self.runtime.setup(model, balancer, accumulate_steps=accumulate_steps)
+        self.guard = NonFiniteGuard.for_runtime(nonfinite, self.tasks, self.runtime)
         if self.progress:
             note_update_every(balancer)
         self._shared = model.shared_parameters()
@@ -151,8 +154,7 @@ class Trainer:
         self.balancer.load_state_dict(state["balancer"])
         self.early_stopping.load_state_dict(state["early_stopping"])
         self.runtime.load_state_dict(state.get("grad_scaler"))
-        self.epoch = int(state["epoch"])
-        self.step = int(state["step"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
         checkpoint.restore_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ the loop
@@ -216,8 +218,9 @@ class Trainer:
             meter.add(*self.train_step(group))
             if self.progress and meter.steps % refresh_every == 0:
                 bar.advance(refresh_every * len(group), meter.running_means())
+                self.guard.refresh(self.epoch)  # the bar synchronised: the flags are ready
         bar.completed(self.epoch * len(self.train_batches))
-        return meter.summary(self.runtime.all_mean)
+        return {**meter.summary(self.runtime.all_mean), **self.guard.end_epoch(self.epoch)}
 
     def _task_losses(self, x: Any, y: Mapping[str, Tensor]) -> tuple[Any, Tensor, Tensor]:
         with self.runtime.autocast():
@@ -254,6 +257,7 @@ class Trainer:
             total = self.runtime.all_sum(torch.stack(counts_per).sum(dim=0))
             present = total > 0
         grad_scale = self.runtime.grad_scale(m)
+        snapshot = self.guard.snapshot(self.optimizer, (self.model, self.balancer))
         self.optimizer.zero_grad(set_to_none=True)
         logged: Tensor | float = 0.0
         weights: Tensor | float = 0.0
@@ -279,12 +283,12 @@ class Trainer:
             else:
                 logged = logged + losses.detach() / m
                 weights = weights + result.weights.to(losses.dtype) / m
+        assert present is not None and isinstance(logged, Tensor) and isinstance(weights, Tensor)
         self.runtime.clip_gradients(self.optimizer, self._params, self.grad_clip)
-        self.runtime.optimizer_step(self.optimizer)
+        self.guard.optimizer_step(self.optimizer, snapshot, logged, self._params, self.step + 1)
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
-        assert present is not None and isinstance(logged, Tensor) and isinstance(weights, Tensor)
         return logged, present, weights
 
     def _validate(self) -> TaskMetrics:

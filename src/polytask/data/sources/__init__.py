@@ -15,6 +15,15 @@ Example:
 from __future__ import annotations
 
 from polytask.data.sources import digits, file, modalities, recsys, river_data, synthetic
-from polytask.data.sources.registry import DATASETS
+from polytask.data.sources.registry import DATASETS, load_dataset
 
-__all__ = ["DATASETS", "digits", "file", "modalities", "recsys", "river_data", "synthetic"]
+__all__ = [
+    "DATASETS",
+    "digits",
+    "file",
+    "load_dataset",
+    "modalities",
+    "recsys",
+    "river_data",
+    "synthetic",
+]

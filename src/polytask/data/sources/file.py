@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from polytask.data.files import read_frame, table_from_frame, tasks_from_dicts
+from polytask.data.files import file_fingerprint, read_frame, table_from_frame, tasks_from_dicts
 from polytask.data.sources.registry import DATASETS
 from polytask.data.table import MultiLabelTable
 
@@ -30,7 +30,7 @@ def user_file(
     the file is the data.
     """
     specs, columns = tasks_from_dicts(tasks, source=path)
-    return table_from_frame(
+    table = table_from_frame(
         read_frame(Path(path)),
         tasks=specs,
         label_columns=columns,
@@ -39,3 +39,5 @@ def user_file(
         split_column=split_column,
         categorical_columns=categorical,
     )
+    table.fingerprint = file_fingerprint(Path(path))
+    return table

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from polytask.data.audio import WaveformScaler, fit_length, read_wav, resample
-from polytask.data.files import read_frame, table_from_frame, tasks_from_dicts
+from polytask.data.files import file_fingerprint, read_frame, table_from_frame, tasks_from_dicts
 from polytask.data.images import ChannelNormalizer, read_image_folder
 from polytask.data.sources.common import check_fraction, check_minimums, hide_labels, rng_for
 from polytask.data.sources.registry import DATASETS
@@ -723,6 +723,7 @@ def tweets_sentiment(
         tasks=tasks,
         source=str(source),
         preprocessors={"text": tokenizer_from_params(params, source="tweets-sentiment")},
+        fingerprint=None if path is None else file_fingerprint(source),
     )
 
 
@@ -759,6 +760,7 @@ def _folder_table(
         split_column=split_column,
     )
     table.feature_names = None
+    table.fingerprint = file_fingerprint(labels_path)  # the labels file, not every image
     return folder, [str(v) for v in names], table
 
 

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec .venv/bin/polytask train configs/multi-digits.yaml "$@"
+# multi-digits: the packaged recipe (configs/multi-digits.yaml in a clone)
+exec .venv/bin/polytask train multi-digits "$@"

@@ -14,6 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from polytask.cli import app
+from polytask.run.recipes import RECIPES_DIR
 
 runner = CliRunner()
 
@@ -157,9 +158,7 @@ def test_console_entry_point_runs() -> None:
     assert result.returncode == 0 and "train" in result.stdout
 
 
-@pytest.mark.parametrize(
-    "config", sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
-)
+@pytest.mark.parametrize("config", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_recipes_start(config: Path, tmp_path: Path) -> None:
     """Every recipe trains one tiny epoch (its data shrunk where the dataset allows)."""
     raw = yaml.safe_load(config.read_text())

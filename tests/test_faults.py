@@ -53,6 +53,15 @@ def _finish(process: subprocess.Popen[str]) -> tuple[int, str]:
     return process.returncode, output
 
 
+def _wait_for(path: Path, process: subprocess.Popen[str]) -> None:
+    """Until ``path`` exists and is not empty, or ``process`` has ended."""
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size > 0:
+            return
+        time.sleep(0.02)
+
+
 def _test_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())["test"]
 
@@ -84,11 +93,14 @@ def test_killed_at_random_moments_and_resumed_equals_an_uninterrupted_run(
         else:  # killed before its first checkpoint: nothing to resume, start again
             shutil.rmtree(run_dir, ignore_errors=True)
             process = _polytask("train", str(config))
-        if kills < 3:
+        if kills == 0:  # the first kill surely lands mid-run: just after epoch 1 was recorded
+            _wait_for(run_dir / "metrics.jsonl", process)
+            time.sleep(draw.uniform(0.0, 0.05) * duration)
+        elif kills < 3:
             time.sleep(draw.uniform(0.4, 0.9) * duration)  # a moment anywhere in the run
-            if process.poll() is None:
-                process.send_signal(kill)
-                kills += 1
+        if kills < 3 and process.poll() is None:
+            process.send_signal(kill)
+            kills += 1
         code, output = _finish(process)
         assert "Traceback" not in output, output
         if code == 130:  # stopped cleanly: says how to resume, or that nothing was written

@@ -27,6 +27,13 @@ class RunInterrupted(PolytaskError):
 
     exit_code = 130
 
+    @classmethod
+    def in_folder(cls, path: object) -> RunInterrupted:
+        """The interruption of the run in folder ``path``."""
+        return cls(
+            f"interrupted; the run is in {path}; continue with: polytask train --resume {path}"
+        )
+
 
 class UnknownNameError(PolytaskError, KeyError):
     """A name was looked up in a registry that does not hold it."""

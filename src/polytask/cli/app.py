@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
+from polytask import __version__
 from polytask.errors import PolytaskError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -72,6 +73,22 @@ def command(function: F) -> F:
     """Register ``function`` as a command of ``app`` (its docstring is its ``--help``)."""
     app.command()(reports_errors(function))
     return function
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"polytask {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="print the version"
+    ),
+) -> None:
+    """Multi-task learning for PyTorch: train, evaluate and predict with one model for several
+    tasks."""
 
 
 def main() -> None:

@@ -9,9 +9,9 @@ import typer
 
 from polytask.cli.app import command, err, fail, stop_on_sigterm
 from polytask.cli.results import print_results
-from polytask.config import load_config
-from polytask.errors import PolytaskError
+from polytask.errors import PolytaskError, RunInterrupted
 from polytask.run import resume_with_baselines, train_with_baselines
+from polytask.run.recipes import load_recipe
 from polytask.runtime import (
     is_main_process,
     launch,
@@ -34,7 +34,11 @@ def _launch(command_line: list[str], **torchrun: object) -> None:
 @command
 def train(
     config: Annotated[
-        str | None, typer.Argument(help="YAML run configuration (omit with --resume)")
+        str | None,
+        typer.Argument(
+            help="a YAML run configuration or a recipe's name (`polytask recipes`); "
+            "omit with --resume"
+        ),
     ] = None,
     overrides: Annotated[
         list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=3")
@@ -60,7 +64,10 @@ def train(
     master_addr: Annotated[str | None, typer.Option(help="address of the rank-0 machine")] = None,
     master_port: Annotated[int | None, typer.Option(help="port of the rank-0 machine")] = None,
 ) -> None:
-    """Train a multi-task model from a YAML file and print each task's test metrics.
+    """Train a multi-task model from a YAML file or a recipe and print each task's test metrics.
+
+    CONFIG is a file's path or the name of a recipe that ships with polytask (`polytask
+    recipes`); a file that exists wins.
 
     With --nproc-per-node N (and --nnodes, --node-rank, --master-addr, --master-port for several
     machines, as for torchrun) the run is launched through torch.distributed.run: N processes
@@ -70,7 +77,7 @@ def train(
     if resume is not None and (config is not None or overrides):
         raise fail("--resume takes the run folder only; the config is the run's own")
     if resume is None and config is None:
-        raise fail("give a config file (e.g. configs/multi-digits.yaml) or --resume RUN_DIR")
+        raise fail("give a config file or a recipe name (e.g. multi-digits) or --resume RUN_DIR")
     if nproc_per_node is not None and not under_torchrun():
         line = ["--resume", str(resume)] if resume else [str(config), *(overrides or [])]
         if single_task:
@@ -87,10 +94,13 @@ def train(
         )
         return
     if resume is not None:
-        result = resume_with_baselines(resume, progress=progress)
+        try:
+            result = resume_with_baselines(resume, progress=progress)
+        except KeyboardInterrupt:  # before its folder session: the checkpoints are as they were
+            raise RunInterrupted.in_folder(resume) from None
     else:
         assert config is not None
-        cfg = load_config(config, overrides or [])
+        cfg = load_recipe(config, overrides or [])
         if is_main_process():
             err.print(f"run folder: {Path(cfg.output_dir) / cfg.name} (or the next free name)")
         result = train_with_baselines(

@@ -263,10 +263,7 @@ class RunFolder:
                     self.write_metadata(metadata)
                 yield
             except KeyboardInterrupt:
-                raise RunInterrupted(
-                    f"interrupted; the run is in {self.path}; continue with: "
-                    f"polytask train --resume {self.path}"
-                ) from None
+                raise RunInterrupted.in_folder(self.path) from None
             except BaseException:
                 if owner and created and not self.checkpoint("last").exists():
                     shutil.rmtree(self.path, ignore_errors=True)

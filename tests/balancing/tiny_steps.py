@@ -58,6 +58,24 @@ def tiny_steps(
 ZOO_KINDS = ["agreeing", "orthogonal", "opposed", "zero_row", "duplicates", "norms", "random"]
 
 
+def step_weights(name: str, present: Tensor | None = None, **params: Any) -> Tensor:
+    """One real step of method ``name`` on the tiny model (every parameter gets a finite
+    gradient); the weights it chose."""
+    return tiny_steps(name, presents=(present,), **params)[0].weights
+
+
+def cone_jacobian(k: int, p: int, seed: int) -> Tensor:
+    """A float64 ``[k, p]`` Jacobian for the dual-cone methods: an opposed pair of rows for odd
+    seeds, row norms spread over 1e-2..1e2 when ``seed % 3 == 2``."""
+    gen = torch.Generator().manual_seed(seed)
+    j = torch.randn(k, p, generator=gen, dtype=torch.float64)
+    if seed % 2:
+        j[1] = -0.95 * j[0] + 0.1 * j[1]  # opposed pair
+    if seed % 3 == 2:
+        j = j * torch.logspace(-2, 2, k, dtype=torch.float64)[:, None]
+    return j
+
+
 def zoo_jacobian(kind: str, k: int, *, p: int, seed: int) -> Tensor:
     """A K×P float64 Jacobian of the given kind (one of ``ZOO_KINDS``): identical rows,
     orthogonal rows of different norms, alternating opposed rows (cosine < -0.9), a zero row,

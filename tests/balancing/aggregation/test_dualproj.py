@@ -9,26 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tiny_steps import tiny_steps
-from torch import Tensor
+from tiny_steps import cone_jacobian, step_weights
 
 from polytask.balancing.aggregation._dualproj import DualProj
 from polytask.errors import ConfigError
-
-
-def _train_step(name: str, present: Tensor | None = None, **params: Any) -> Tensor:
-    """One real step: every parameter gets a finite gradient; returns the weights."""
-    return tiny_steps(name, presents=(present,), **params)[0].weights
-
-
-def _jacobian(k: int, p: int, seed: int) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    j = torch.randn(k, p, generator=gen, dtype=torch.float64)
-    if seed % 2:
-        j[1] = -0.95 * j[0] + 0.1 * j[1]  # opposed pair
-    if seed % 3 == 2:
-        j = j * torch.logspace(-2, 2, k, dtype=torch.float64)[:, None]
-    return j
 
 
 def test_hand_case() -> None:
@@ -44,7 +28,7 @@ def test_hand_case() -> None:
 def test_matches_an_explicit_projection() -> None:
     from scipy.optimize import minimize
 
-    j = _jacobian(4, 6, 1).numpy()
+    j = cone_jacobian(4, 6, 1).numpy()
     mean = j.mean(0)
     res = minimize(
         lambda x: float(((x - mean) ** 2).sum()),
@@ -60,7 +44,7 @@ def test_matches_an_explicit_projection() -> None:
 
 @pytest.mark.parametrize(("k", "seed"), list(itertools.product([2, 3, 5, 10, 30], range(6))))
 def test_non_conflicting(k: int, seed: int) -> None:
-    j = _jacobian(k, 40, seed)
+    j = cone_jacobian(k, 40, seed)
     scale = float((j * j).sum())
     names = [str(i) for i in range(k)]
     update, _ = DualProj(names, reg_eps=0.0).aggregate(j, torch.ones(k))
@@ -74,7 +58,7 @@ def test_equals_the_mean_when_tasks_agree_and_is_permutation_invariant() -> None
     update, weights = DualProj(list("abc")).aggregate(g.repeat(3, 1), torch.ones(3))
     torch.testing.assert_close(update, g)
     torch.testing.assert_close(weights, torch.full((3,), 1 / 3, dtype=torch.float64))
-    j = _jacobian(6, 20, 1)
+    j = cone_jacobian(6, 20, 1)
     names = [str(i) for i in range(6)]
     update, _ = DualProj(names).aggregate(j, torch.ones(6))
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
@@ -90,7 +74,7 @@ def test_preferences_and_errors() -> None:
         g.repeat(2, 1), torch.ones(2)
     )
     torch.testing.assert_close(weights, torch.tensor([0.2, 0.6]))
-    weights = _train_step(
+    weights = step_weights(
         "dualproj", present=torch.tensor([False, True, True]), pref_vector=[1.0, 1.0, 2.0]
     )
     assert float(weights[0]) == 0.0
@@ -100,4 +84,4 @@ def test_preferences_and_errors() -> None:
 
 @pytest.mark.parametrize("params", [{}, {"update_every": 2}, {"level": "features"}])
 def test_training_step(params: dict[str, Any]) -> None:
-    _train_step("dualproj", **params)
+    step_weights("dualproj", **params)

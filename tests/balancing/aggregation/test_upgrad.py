@@ -10,27 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tiny_steps import tiny_steps
-from torch import Tensor
+from tiny_steps import cone_jacobian, step_weights
 
 from polytask.balancing.aggregation._dual_cone import regularized_normalized_gramian
 from polytask.balancing.aggregation._upgrad import UPGrad
 from polytask.errors import ConfigError
-
-
-def _train_step(name: str, present: Tensor | None = None, **params: Any) -> Tensor:
-    """One real step: every parameter gets a finite gradient; returns the weights."""
-    return tiny_steps(name, presents=(present,), **params)[0].weights
-
-
-def _jacobian(k: int, p: int, seed: int) -> Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    j = torch.randn(k, p, generator=gen, dtype=torch.float64)
-    if seed % 2:
-        j[1] = -0.95 * j[0] + 0.1 * j[1]  # opposed pair
-    if seed % 3 == 2:
-        j = j * torch.logspace(-2, 2, k, dtype=torch.float64)[:, None]
-    return j
 
 
 def test_hand_case() -> None:
@@ -47,7 +31,7 @@ def test_hand_case() -> None:
 def test_matches_explicit_projections() -> None:
     from scipy.optimize import minimize
 
-    j = _jacobian(4, 6, 1).numpy()
+    j = cone_jacobian(4, 6, 1).numpy()
     projections = []
     for i in range(4):
         res = minimize(
@@ -65,7 +49,7 @@ def test_matches_explicit_projections() -> None:
 
 @pytest.mark.parametrize(("k", "seed"), list(itertools.product([2, 3, 5, 10, 30], range(6))))
 def test_non_conflicting(k: int, seed: int) -> None:
-    j = _jacobian(k, 40, seed)
+    j = cone_jacobian(k, 40, seed)
     scale = float((j * j).sum())
     names = [str(i) for i in range(k)]
     update, _ = UPGrad(names, reg_eps=0.0).aggregate(j, torch.ones(k))
@@ -89,7 +73,7 @@ def test_equals_the_mean_when_tasks_agree() -> None:
 @pytest.mark.parametrize("seed", range(4))
 def test_permutation_invariant_and_linear_under_scaling(seed: int) -> None:
     k = 6
-    j = _jacobian(k, 20, seed)
+    j = cone_jacobian(k, 20, seed)
     names = [str(i) for i in range(k)]
     update, _ = UPGrad(names).aggregate(j, torch.ones(k))
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
@@ -124,7 +108,7 @@ def test_preference_vector() -> None:
     _, weights = UPGrad(["a", "b"], pref_vector=[0.2, 0.6]).aggregate(g.repeat(2, 1), torch.ones(2))
     torch.testing.assert_close(weights, torch.tensor([0.2, 0.6]))
     # an absent task: the preference entries of the present ones are used
-    weights = _train_step(
+    weights = step_weights(
         "upgrad", present=torch.tensor([True, False, True]), pref_vector=[1.0, 5.0, 1.0]
     )
     assert float(weights[1]) == 0.0
@@ -132,4 +116,4 @@ def test_preference_vector() -> None:
 
 @pytest.mark.parametrize("params", [{}, {"update_every": 2}, {"level": "features"}])
 def test_training_step(params: dict[str, Any]) -> None:
-    _train_step("upgrad", **params)
+    step_weights("upgrad", **params)

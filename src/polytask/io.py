@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -69,6 +70,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(handle)
     temporary = Path(name)
     try:
+        # mkstemp creates the file 0600: give it the mode a plain open() would (the existing
+        # file's, or 0666 less the umask), so results and models stay readable by others
+        os.chmod(temporary, _mode_for(path))
         yield temporary
         with open(temporary, "rb+") as file:
             os.fsync(file.fileno())
@@ -77,6 +81,24 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once, at import: os.umask can only be read by setting it
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits a new version of ``path`` gets: those of the file it replaces, or
+    ``0o666`` less the process umask for a new file."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_UMASK
 
 
 #: ``.<name>.<8 random characters>.tmp<suffixes>``: the temporary files of ``atomic_path`` (and of

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from polytask.balancing import BALANCERS
 from polytask.data.mixing import parse_epoch
@@ -79,6 +79,28 @@ class DataConfig(_Strict):
     epoch: str = Field("sum", description="'steps:N', 'largest', 'smallest' or 'sum'")
 
 
+class TransferConfig(_Strict):
+    """Transfer learning from a pretrained backbone (``polytask.models.transfer``)."""
+
+    freeze: str = Field(
+        "none",
+        pattern=r"^(all|none|until:\S+)$",
+        description="all (linear probe), none, or until:<module> (train that module and after)",
+    )
+    unfreeze_at_epoch: int | None = Field(
+        None, ge=2, description="linear probe, then fine-tune everything from this epoch on"
+    )
+    backbone_lr_ratio: float = Field(
+        1.0, gt=0, description="the backbone's learning rate as a fraction of optimizer.lr"
+    )
+
+    @model_validator(mode="after")
+    def _unfreeze_needs_freeze(self) -> TransferConfig:
+        if self.unfreeze_at_epoch is not None and self.freeze == "none":
+            raise ValueError("unfreeze_at_epoch needs freeze: all or until:<module>")
+        return self
+
+
 class ModelConfig(_Strict):
     """Encoder, heads and how tasks share them."""
 
@@ -88,6 +110,15 @@ class ModelConfig(_Strict):
     head_params: dict[str, Any] = Field(default_factory=dict)
     architecture: str = "hard_sharing"
     architecture_params: dict[str, Any] = Field(default_factory=dict)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
+
+
+class DiagnosticsConfig(_Strict):
+    """Gradient-conflict diagnostics logged in metrics.jsonl (docs/diagnostics.md)."""
+
+    every: int = Field(
+        gt=0, description="every N optimizer steps: task-gradient cosines, norms, ⟨g_k, update⟩"
+    )
 
 
 class BalancingConfig(_Strict):
@@ -97,6 +128,9 @@ class BalancingConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     log_losses: bool = Field(
         False, description="balance log(L + eps) instead of L (DB-MTL's loss-scale balancing)"
+    )
+    diagnostics: DiagnosticsConfig | None = Field(
+        None, description="gradient-conflict diagnostics, e.g. {every: 50} (off by default)"
     )
 
 
@@ -122,6 +156,31 @@ class EarlyStoppingConfig(_Strict):
     min_delta: float = Field(0.0, ge=0)
 
 
+class PrivacyConfig(_Strict):
+    """Differentially private training (DP-SGD); see docs/privacy.md."""
+
+    target_epsilon: float = Field(
+        gt=0, allow_inf_nan=False, description="the run stops before spending more than this ε"
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="the δ of (ε, δ)-differential privacy")
+    max_grad_norm: float = Field(
+        1.0, gt=0, description="C: each record's gradient (or K×P Jacobian) is clipped to this norm"
+    )
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="σ (noise std σ·C); None: the σ that spends target_epsilon"
+    )
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus' privacy accountant")
+
+
+class MlflowConfig(_Strict):
+    """Where the `mlflow` logger writes (docs/diagnostics.md)."""
+
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else RUN_DIR/mlruns)"
+    )
+    experiment: str | None = Field(None, description="MLflow experiment (default: the run's name)")
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(10, gt=0)
     grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
@@ -139,6 +198,15 @@ class TrainConfig(_Strict):
         description="a NaN or infinite task loss or gradient ends the run (stop) or its optimizer "
         "step is skipped and counted (skip)",
     )
+    privacy: PrivacyConfig | None = Field(
+        None, description="differentially private training (DP-SGD with Poisson sampling)"
+    )
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="also send metrics.jsonl's scalars to these trackers (pip install "
+        "'polytask[trackers]')",
+    )
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
 class EvaluateConfig(_Strict):
@@ -308,12 +376,13 @@ def _format(source: str, problems: list[str]) -> str:
     return f"{source}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read, override and validate the YAML run configuration at ``path``."""
+def read_yaml_file(path: str | Path, *, what: str = "config file") -> Any:
+    """The parsed YAML of the file at ``path``; a missing, unreadable, non-UTF-8 or malformed
+    file is a ``ConfigError`` naming it (a syntax error with its line and column)."""
     path = Path(path)
     if not path.is_file():
-        what = "a folder, not a config file" if path.is_dir() else "no such config file"
-        raise ConfigError(f"{path}: {what}")
+        problem = f"a folder, not a {what}" if path.is_dir() else f"no such {what}"
+        raise ConfigError(f"{path}: {problem}")
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:
@@ -324,13 +393,19 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
             "save the file as UTF-8"
         ) from None
     try:
-        raw = yaml.safe_load(text) or {}
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(
             f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"
         ) from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read, override and validate the YAML run configuration at ``path``."""
+    path = Path(path)
+    raw = read_yaml_file(path) or {}
     if isinstance(raw, dict):
         apply_overrides(raw, overrides)
     return parse_config(raw, source=str(path))

@@ -16,6 +16,7 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -37,6 +38,23 @@ def _tokenizers() -> Any:
     except ImportError as exc:  # a core dependency; only a broken install lacks it
         raise ConfigError(f"text inputs need the 'tokenizers' package: {exc}") from exc
     return tokenizers
+
+
+def _hf_tokenizer(folder: Path) -> Any:
+    """The fast (``tokenizers``) tokenizer of a Hugging Face model folder without a
+    ``tokenizer.json``, converted by ``transformers.AutoTokenizer`` (``polytask[hf]``)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ConfigError(
+            f"{folder}: reading its tokenizer needs transformers: pip install 'polytask[hf]'"
+        ) from None
+    try:
+        loaded = AutoTokenizer.from_pretrained(str(folder), use_fast=True, local_files_only=True)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError...
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DataError(f"{folder}: cannot read its tokenizer: {reason}") from None
+    return loaded.backend_tokenizer
 
 
 def as_texts(values: Any, *, source: str = "text") -> list[str]:
@@ -193,6 +211,10 @@ class TextTokenizer:
         tokenizer."""
         if self.pretrained is not None:
             path = pretrained_dir(self.pretrained) / "tokenizer.json"
+            if not path.is_file() and (path.parent / "config.json").is_file():
+                self._tokenizer = _hf_tokenizer(path.parent)  # a Hugging Face model folder
+                self._configure()
+                return
             if not path.is_file():
                 raise DataError(f"{path}: no such tokenizer file")
             try:

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from polytask.balancing import Balancer, build_balancer
-from polytask.config import RunConfig
+from polytask.config import RunConfig, TransferConfig
 from polytask.errors import ConfigError, PolytaskError
 from polytask.models import ARCHITECTURES, ENCODERS, HEADS, MultiTaskModel, build_model
+from polytask.models.transfer import apply_freeze, parameter_groups
 from polytask.tasks import TaskSpec
 from polytask.train.optim import build_optimizer, build_scheduler
 
@@ -52,7 +53,7 @@ def build_model_for(
     ``model.architecture_params``."""
     m = config.model
     try:
-        return build_model(
+        model = build_model(
             tasks,
             input_shape,
             encoder=m.encoder,
@@ -65,6 +66,12 @@ def build_model_for(
     except _BUILD_ERRORS as exc:
         field, kind, name, params = _failing_part(config, tasks, input_shape)
         raise ConfigError(_cannot_build(field, kind, name, params, exc)) from exc
+    if m.transfer.freeze != "none":  # a pretrained backbone starts frozen (model.transfer)
+        try:
+            apply_freeze(model, m.transfer.freeze, encoder=m.encoder)
+        except ConfigError as exc:
+            raise ConfigError(f"model.transfer.freeze: {exc}") from None
+    return model
 
 
 def _failing_part(
@@ -123,8 +130,25 @@ def build_optimization(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The optimizer over the model's and the balancer's parameters, and its per-step
     schedule over ``config.train.epochs`` epochs of ``steps_per_epoch`` optimizer steps."""
+    transfer = config.model.transfer
+    frozen = transfer.freeze != "none" and not model.shared_parameters()
+    if frozen and balancer.needs_shared_params:
+        raise ConfigError(
+            f"model.transfer.freeze: {transfer.freeze} leaves no shared parameter for the "
+            f"gradient method {config.balancing.method!r} to balance; freeze until:<module> "
+            "instead, or use a loss weighting (e.g. equal, uncertainty)"
+        )
+    params: Any = [*model.parameters(), *balancer.parameters()]
+    if transfer != TransferConfig():  # the backbone in its own group, at its own lr
+        params = parameter_groups(
+            model,
+            balancer.parameters(),
+            lr=config.optimizer.lr,
+            backbone_lr_ratio=transfer.backbone_lr_ratio,
+            keep_frozen=transfer.unfreeze_at_epoch is not None,
+        )
     optimizer = build_optimizer(
-        [*model.parameters(), *balancer.parameters()],
+        params,
         name=config.optimizer.name,
         lr=config.optimizer.lr,
         weight_decay=config.optimizer.weight_decay,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from polytask.errors import ConfigError
 
 
 def build_optimizer(
-    params: Iterable[nn.Parameter],
+    params: Iterable[nn.Parameter] | Sequence[dict[str, Any]],
     *,
     name: str = "adamw",
     lr: float = 1e-3,
@@ -21,12 +22,15 @@ def build_optimizer(
     momentum: float = 0.9,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
-    """AdamW or SGD (with momentum) over ``params``."""
-    params = [p for p in params if p.requires_grad]
+    """AdamW or SGD (with momentum) over ``params``: parameters (those that require a gradient),
+    or parameter groups taken as they are (each group's own ``lr``, e.g. a backbone's)."""
+    given: list[Any] = list(params)
+    if not given or not isinstance(given[0], dict):
+        given = [p for p in given if p.requires_grad]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+        return torch.optim.AdamW(given, lr=lr, weight_decay=weight_decay, betas=betas)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+        return torch.optim.SGD(given, lr=lr, weight_decay=weight_decay, momentum=momentum)
     raise ConfigError(f"optimizer.name: unknown optimizer {name!r}; valid: adamw, sgd")
 
 

@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from polytask.data.sources import digits, file, modalities, recsys, river_data, synthetic
+from polytask.data.sources import digits, file, mnist, modalities, recsys, river_data, synthetic
 from polytask.data.sources.registry import DATASETS, load_dataset
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "digits",
     "file",
     "load_dataset",
+    "mnist",
     "modalities",
     "recsys",
     "river_data",

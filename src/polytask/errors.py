@@ -21,6 +21,11 @@ class CheckpointError(PolytaskError):
     """A run folder or checkpoint is missing or unreadable."""
 
 
+class ExportError(PolytaskError):
+    """A model cannot be exported (the message names the module or component that stops it), or
+    an exported model's files are missing or of a format this polytask does not read."""
+
+
 class RunInterrupted(PolytaskError):
     """A run was stopped by Ctrl-C or SIGTERM; the message names its folder and how to resume.
     The command line exits with code 130."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +34,17 @@ def predict_arrays(
     one probability column per label (multilabel, ``task_i``), the value in original units
     (regression; ``task_i`` per output when there are several)."""
     decoded = decoded_predictions(model, inputs, tasks, batch_size=batch_size, device=device)
+    return prediction_columns({name: values.numpy() for name, values in decoded.items()}, tasks)
+
+
+def prediction_columns(
+    decoded: Mapping[str, np.ndarray], tasks: Sequence[TaskSpec]
+) -> dict[str, np.ndarray]:
+    """``predict_arrays``'s columns from each task's decoded predictions (``TaskSpec.decode``:
+    class probabilities, probabilities of 1, values in original units)."""
     columns: dict[str, np.ndarray] = {}
     for task in tasks:
-        values = decoded[task.name].numpy()
+        values = decoded[task.name]
         if task.kind == "multiclass":
             columns[task.name] = values.argmax(axis=-1)
         elif values.ndim == 1:

@@ -1,0 +1,69 @@
+"""The ``onnx`` engine of the HTTP service: the model exported by ``polytask export``, run by
+``polytask.serve.onnx_runtime.OnnxPredictor`` (onnxruntime and numpy; no torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from polytask.serve.engines import EngineOutput
+from polytask.serve.onnx_runtime import InputColumn, OnnxPredictor
+from polytask.serve.schema import InputField, OutputTask
+
+
+def field_of(column: InputColumn) -> InputField | None:
+    """The request field of an exported model's input column; ``None`` for a presence flag
+    (the service sets it from whether a row gives the block)."""
+    if column.dtype == "bool":
+        return None
+    if column.categorical:
+        return InputField(column.name, "category", optional=True)
+    if column.dtype == "string":
+        return InputField(column.name, "text", optional=column.optional)
+    if column.shape:
+        return InputField(column.name, "tensor", tuple(column.shape), optional=column.optional)
+    return InputField(column.name, "number", optional=column.optional)
+
+
+class OnnxEngine:
+    """An exported model (``model.onnx`` and ``model.preprocess.json`` beside it); one graph
+    run per batch gives the prediction columns and the class probabilities."""
+
+    name = "onnx"
+
+    def __init__(self, model_path: str | Path, *, threads: int | None = None) -> None:
+        self.predictor = OnnxPredictor(model_path, threads=threads)
+        self.model_path = Path(model_path)
+        self.run_name = str(self.predictor.metadata.get("run", self.model_path.parent.name))
+        schema = [field_of(column) for column in self.predictor.input_schema]
+        self.fields = [spec for spec in schema if spec is not None]
+        self.tasks = [
+            OutputTask(
+                t.name,
+                t.kind,
+                t.num_classes,
+                tuple(t.columns),
+                tuple(t.classes or ()) if t.kind == "multiclass" else (),
+            )
+            for t in self.predictor.tasks
+        ]
+
+    def predict(self, columns: Mapping[str, Any]) -> EngineOutput:
+        """Every task's predictions for the rows of ``columns``, in one graph run (the same
+        columns as ``OnnxPredictor.predict``)."""
+        outputs = self.predictor.run(columns)
+        predictions: dict[str, np.ndarray] = {}
+        probabilities: dict[str, np.ndarray] = {}
+        for task in self.predictor.tasks:
+            values = outputs[task.output]
+            if task.kind == "multiclass":
+                predictions[task.name] = outputs[f"{task.output}.label"]
+                probabilities[task.name] = values
+            elif values.ndim == 1:
+                predictions[task.name] = values
+            else:
+                predictions.update({c: values[:, i] for i, c in enumerate(task.columns)})
+        return EngineOutput(predictions, probabilities)

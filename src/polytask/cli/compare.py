@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from polytask.analysis.report import write_comparison_report
 from polytask.balancing import BALANCERS
 from polytask.cli.app import command, err, out
 from polytask.config import load_config
@@ -31,6 +32,10 @@ def compare(
     markdown: Annotated[Path | None, typer.Option(help="write the table as Markdown")] = None,
     csv: Annotated[Path | None, typer.Option(help="write every result as CSV (--methods)")] = None,
     plot: Annotated[Path | None, typer.Option(help="write a Δm% bar chart PNG (--methods)")] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="write a self-contained HTML report with error bars (--methods)"),
+    ] = None,
     output_dir: Annotated[Path, typer.Option(help="where the runs go (--methods)")] = Path("runs"),
     progress: Annotated[bool, typer.Option(help="show progress bars")] = False,
 ) -> None:
@@ -53,6 +58,8 @@ def compare(
     )
     out.print(comparison_table(comparison))
     write_comparison(comparison, markdown=markdown, csv_path=csv, plot=plot)
+    if report is not None:
+        err.print(f"wrote {write_comparison_report(comparison, report)}")
 
 
 def _compare_folders(folders: list[Path], markdown: Path | None) -> None:

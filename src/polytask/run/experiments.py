@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from polytask.config import BalancingConfig, EvaluateConfig, RunConfig, config_to_dict
 from polytask.evaluate import TaskMetrics, delta_m, mean_std
@@ -28,28 +29,31 @@ from polytask.tasks import TaskSpec
 
 
 # ----------------------------------------------------------------------------- baselines
-def baseline_config(config: RunConfig, task: str) -> RunConfig:
-    """The single-task configuration of ``task``: the same data, model and optimisation with only
-    that task (balancing is moot with one task: equal weighting)."""
+def subset_config(config: RunConfig, tasks: Sequence[str], *, name: str) -> RunConfig:
+    """``config`` restricted to ``tasks`` (``data.tasks``, with their task weights and class
+    balance; early stopping on ``loss`` when it monitored another task), named ``name``."""
     data = config.data.model_copy(
         update={
-            "tasks": [task],
-            "task_weights": {k: v for k, v in config.data.task_weights.items() if k == task},
-            "class_balance": {k: v for k, v in config.data.class_balance.items() if k == task},
+            "tasks": list(tasks),
+            "task_weights": {k: v for k, v in config.data.task_weights.items() if k in tasks},
+            "class_balance": {k: v for k, v in config.data.class_balance.items() if k in tasks},
         }
     )
     train = config.train
     metric = train.early_stopping.metric
-    if metric != "loss" and not metric.startswith(f"{task}/"):
+    if metric != "loss" and metric.partition("/")[0] not in tasks:
         stopping = train.early_stopping.model_copy(update={"metric": "loss"})
         train = train.model_copy(update={"early_stopping": stopping})
-    return config.model_copy(
+    return config.model_copy(update={"name": name, "data": data, "train": train})
+
+
+def baseline_config(config: RunConfig, task: str) -> RunConfig:
+    """The single-task configuration of ``task``: the same data, model and optimisation with only
+    that task (balancing is moot with one task: equal weighting)."""
+    return subset_config(config, [task], name=task).model_copy(
         update={
-            "name": task,
-            "data": data,
             "balancing": BalancingConfig(method="equal"),
             "evaluate": EvaluateConfig(baselines=False),
-            "train": train,
         }
     )
 
@@ -141,6 +145,7 @@ class MethodRow:
     method: str
     runs: list[TaskMetrics] = field(default_factory=list)
     deltas: list[float] = field(default_factory=list)
+    run_dirs: list[Path] = field(default_factory=list)  # one per seed, in the seeds' order
 
     def stat(self, task: str, metric: str) -> tuple[float, float]:
         return mean_std([r[task][metric] for r in self.runs])
@@ -205,6 +210,7 @@ def compare_methods(
             )
             tasks = result.tasks
             row.runs.append(result.test)
+            row.run_dirs.append(result.run_dir)
         rows.append(row)
     baselines = train_baselines(config, RunFolder(folder), tasks, progress=progress)
     for row in rows:
@@ -259,7 +265,15 @@ def _plot_comparison(comparison: Comparison, path: Path) -> None:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(max(4.0, 0.7 * len(comparison.rows) + 2), 3.2))
-    ax = figure.subplots()
+    draw_comparison(comparison, figure.subplots())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
+
+
+def draw_comparison(comparison: Comparison, ax: Any) -> None:
+    """The bar chart of each method's Δm% (mean ± std over seeds) on matplotlib axes ``ax``."""
+    figure = ax.figure
     names = [r.method for r in comparison.rows]
     means = [r.delta[0] for r in comparison.rows]
     stds = [r.delta[1] for r in comparison.rows]
@@ -269,6 +283,3 @@ def _plot_comparison(comparison: Comparison, path: Path) -> None:
     ax.set_title(f"{comparison.name}: mean ± std over {len(comparison.seeds)} seeds")
     ax.tick_params(axis="x", rotation=45)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=120)

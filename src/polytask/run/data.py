@@ -17,6 +17,7 @@ from polytask.config import DatasetEntry, RunConfig
 from polytask.data.batches import BatchLoader
 from polytask.data.bundle import DataBundle, NamedTable, build_bundle
 from polytask.data.mixing import MultiTaskMixer, mixer_from_bundle
+from polytask.data.poisson import PoissonBatches
 from polytask.data.sources import load_dataset
 from polytask.data.table import select_tasks
 from polytask.errors import ConfigError, unknown_name
@@ -131,10 +132,20 @@ def move_to_device(bundle: DataBundle, config: RunConfig, device: torch.device) 
 
 def train_batches(
     config: RunConfig, bundle: DataBundle, *, rank: int, world_size: int
-) -> BatchLoader | MultiTaskMixer:
+) -> BatchLoader | MultiTaskMixer | PoissonBatches:
     """The training batch source. ``data.dataset``: shuffled batches of the training split
     (``BatchLoader``); ``data.datasets``: batches drawn by the configured sampler from each
-    table's training rows (``MultiTaskMixer``). Under data parallelism, this process's share."""
+    table's training rows (``MultiTaskMixer``); with ``train.privacy``, Poisson-sampled records
+    of expected global size ``batch_size × world_size`` (``PoissonBatches``). Under data
+    parallelism, this process's share."""
+    if config.train.privacy is not None:
+        return PoissonBatches(
+            bundle.train,
+            config.data.batch_size * world_size,
+            seed=config.seed,
+            rank=rank,
+            world_size=world_size,
+        )
     if config.data.datasets is None:
         return BatchLoader(
             bundle.train,

@@ -33,8 +33,10 @@ PACKAGE = "polytask"
 LAYERS: list[tuple[str, ...]] = [
     ("__main__",),
     ("cli",),
+    ("tune",),  # tune's study report uses analysis' HTML blocks
     ("serve", "analysis"),
     ("run",),
+    ("privacy",),  # DP-SGD: PrivateTrainer subclasses train's Trainer; run builds it
     ("train",),
     ("runtime",),
     ("evaluate",),

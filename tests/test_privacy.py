@@ -254,6 +254,14 @@ def test_a_leaking_method_is_refused_before_training(tiny_raw: dict[str, Any], m
         train_run(parse_config(_private_raw(tiny_raw, method)))
 
 
+def test_gradient_diagnostics_are_refused_with_privacy(tiny_raw: dict[str, Any]) -> None:
+    """The diagnostics read the task gradients before clipping and noise: they would leak."""
+    raw = _private_raw(tiny_raw, "upgrad")
+    raw.setdefault("balancing", {})["diagnostics"] = {"every": 1}
+    with pytest.raises(ConfigError, match="balancing.diagnostics must be off"):
+        train_run(parse_config(raw))
+
+
 def test_batchnorm_is_refused_with_a_one_line_error_naming_groupnorm() -> None:
     model = build_model(TASKS, (5,), encoder_params={"hidden": [8], "batch_norm": True})
     with pytest.raises(ConfigError, match="GroupNorm") as error:

@@ -23,7 +23,7 @@ Every gradient written is multiplied by ``grad_scale``; the method sees unscaled
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -114,6 +114,10 @@ class GradientAggregator(Balancer):
     #: use the layer-wise Gramian when ``attach(model)`` found the model eligible; set it to
     #: False on an instance before ``attach`` to force the batched Jacobian
     use_autogram: bool = True
+    #: gradient diagnostics (``balancing.diagnostics``) set it on the steps they observe: called
+    #: with the Gramian of the present tasks' shared gradients, their inner products with the
+    #: update written (both unscaled) and the rows' task indices (``None``: all tasks)
+    geometry_observer: Callable[[Tensor, Tensor, Tensor | None], None] | None = None
     last_weights: Tensor
     steps: Tensor
 
@@ -229,12 +233,16 @@ class GradientAggregator(Balancer):
             if layerwise is not None:  # Σ_k w_k ∇L_k from the layers' activations
                 weights = self.weights_from_gramian(layerwise.gramian, values, rows)
                 weights = weights.to(layerwise.gramian.dtype)
+                if self.geometry_observer is not None:
+                    self.geometry_observer(layerwise.gramian, layerwise.gramian @ weights, rows)
                 layerwise.apply(weights)
                 return weights
         step = self.jacobian_source.collect(kept * scale, scale, shared, self.reducer)
         if self.reducer is not None:  # the global losses, identical everywhere
             values = self.reducer.mean(values)
         update, weights = self.aggregate(step.jacobian, values, rows)
+        if self.geometry_observer is not None and not step.features:
+            self.geometry_observer(gramian(step.jacobian), step.jacobian @ update, rows)
         step.apply(update * scale)
         return weights
 

@@ -4,7 +4,37 @@ Every command is registered with ``polytask.cli.app.command``, which also turns 
 ``PolytaskError`` into one red line and exit code 1 (``reports_errors``).
 """
 
-from polytask.cli import catalogue, compare, evaluate, predict, recipes, train
+from polytask.cli import (
+    affinity,
+    catalogue,
+    compare,
+    compress,
+    distill,
+    evaluate,
+    export,
+    predict,
+    recipes,
+    report,
+    serve,
+    train,
+    tune,
+)
 from polytask.cli.app import app, main
 
-__all__ = ["app", "catalogue", "compare", "evaluate", "main", "predict", "recipes", "train"]
+__all__ = [
+    "affinity",
+    "app",
+    "catalogue",
+    "compare",
+    "compress",
+    "distill",
+    "evaluate",
+    "export",
+    "main",
+    "predict",
+    "recipes",
+    "report",
+    "serve",
+    "train",
+    "tune",
+]

@@ -42,6 +42,11 @@ def check_private_config(config: RunConfig) -> None:
         problems.append("train.compile must be false (per-record gradients use torch.func)")
     if config.data.datasets is not None:
         problems.append("data.datasets: Poisson sampling needs one dataset (data.dataset)")
+    if config.balancing.diagnostics is not None:  # they would log non-private task gradients
+        problems.append(
+            "balancing.diagnostics must be off (its cosines and norms come from the task "
+            "gradients before clipping and noise, which would leak)"
+        )
     if problems:
         raise ConfigError("train.privacy: " + "; ".join(problems))
 

@@ -49,6 +49,9 @@ RESUMABLE_FIELDS = (
     "train.early_stopping.patience",
     "train.early_stopping.min_delta",
     "train.nonfinite",
+    "train.loggers",  # what watches the run, not what it computes
+    "train.mlflow",
+    "balancing.diagnostics",
     "schedule.",
     "evaluate.",
     "data.eval_batch_size",

@@ -3,7 +3,7 @@ and comparisons are experiments, in ``polytask.run.experiments``, which call it)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,8 @@ from polytask.data.bundle import DataBundle
 from polytask.errors import ConfigError
 from polytask.evaluate import TaskMetrics, evaluate, monitor_problem
 from polytask.models import MultiTaskModel
+from polytask.models.transfer import Unfreeze
+from polytask.privacy import PrivateTrainer, check_private_config
 from polytask.run.build import (
     build_balancer_for,
     build_model_for,
@@ -41,6 +43,7 @@ class RunResult:
     fit: FitResult | None = None
     baselines: TaskMetrics | None = None
     delta_m: float | None = None
+    privacy: dict[str, Any] | None = None  # with train.privacy: the ε spent and the mechanism
 
     def to_json(self) -> dict[str, Any]:
         """What ``results.json`` holds."""
@@ -52,6 +55,8 @@ class RunResult:
         if self.baselines is not None:
             data["baselines"] = self.baselines
             data["delta_m"] = self.delta_m
+        if self.privacy is not None:
+            data["privacy"] = self.privacy
         return data
 
 
@@ -63,9 +68,11 @@ def train_run(
     callbacks: Sequence[EpochCallback] = (),
     progress: bool | None = None,
     description: str | None = None,
+    make_trainer: Callable[..., Trainer] | None = None,
 ) -> RunResult:
     """Train (or resume) the run ``config`` describes and evaluate its best checkpoint on the
-    test split; rank 0 writes ``results.json``."""
+    test split; rank 0 writes ``results.json``. ``make_trainer`` (``Trainer``'s signature)
+    builds the trainer instead of ``Trainer`` (distillation, fine-tuning a pruned model)."""
     seed_everything(config.seed, deterministic=config.train.deterministic)
     runtime = Runtime.start(
         config.train.device, precision=config.train.precision, compile=config.train.compile
@@ -85,9 +92,16 @@ def train_run(
     model = build_model_for(config, bundle.tasks, bundle.input_shape)
     balancer = build_balancer_for(config, bundle.tasks)
     shown = config.train.progress if progress is None else progress
-    trainer = _trainer(config, bundle, model, balancer, runtime, folder, metadata, progress=shown)
+    trainer = _trainer(
+        config, bundle, model, balancer, runtime, folder, metadata, progress=shown,
+        make_trainer=make_trainer,
+    )
     trainer.callbacks = list(callbacks)
     trainer.description = description or config.name
+    if config.model.transfer.unfreeze_at_epoch is not None:  # linear probe, then fine-tuning
+        trainer.epoch_start_hooks.append(Unfreeze(model, config.model.transfer.unfreeze_at_epoch))
+    if config.balancing.diagnostics is not None:  # gradient-conflict diagnostics in metrics.jsonl
+        trainer.diagnostics.every = config.balancing.diagnostics.every
     # everything above only reads: a bad setting fails before the folder exists
     with folder.session(None if resume else metadata, owner=ctx.is_main):
         fit = trainer.fit(resume=resume)
@@ -100,6 +114,8 @@ def train_run(
         folder.load_weights(model, "best")
         test = _test_metrics(config, model, bundle, ctx)
         result = RunResult(run_dir=folder.path, tasks=bundle.tasks, test=test, fit=fit)
+        if isinstance(trainer, PrivateTrainer):
+            result.privacy = trainer.privacy_report()
         if ctx.is_main:
             folder.write_results(result.to_json())
     ctx.barrier()
@@ -116,9 +132,14 @@ def _trainer(
     metadata: dict[str, Any],
     *,
     progress: bool,
+    make_trainer: Callable[..., Trainer] | None = None,
 ) -> Trainer:
     model.to(runtime.device)
     rank, world_size = runtime.rank, runtime.world_size
+    private: dict[str, Any] = {}  # with train.privacy: a PrivateTrainer's own arguments
+    if config.train.privacy is not None:
+        check_private_config(config)
+        private = {"method": config.balancing.method, "privacy": config.train.privacy}
     batches = train_batches(config, bundle, rank=rank, world_size=world_size)
     optimizer, scheduler = build_optimization(
         config,
@@ -128,7 +149,7 @@ def _trainer(
     )
     es = config.train.early_stopping
     has_val = len(bundle.val) > 0
-    return Trainer(
+    return (PrivateTrainer if private else make_trainer or Trainer)(
         model,
         balancer,
         bundle.tasks,
@@ -149,6 +170,7 @@ def _trainer(
         progress=progress,
         accumulate_steps=config.train.accumulate_steps,
         nonfinite=config.train.nonfinite,
+        **private,
     )
 
 

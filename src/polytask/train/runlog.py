@@ -27,6 +27,7 @@ from typing import Any
 from polytask.errors import CheckpointError
 from polytask.io import atomic_path, remove_temporaries, strict_json, write_text_atomic
 from polytask.train.checkpoint import copy_checkpoint, read_checkpoint_metadata, save_run_checkpoint
+from polytask.train.trackers import Tracker, open_trackers, scalars
 
 __all__ = [
     "METRICS_FILE",
@@ -360,15 +361,32 @@ def reconcile_best(directory: Path) -> bool:
     return True
 
 
+def _last_step(records: list[dict[str, Any]]) -> int:
+    """The optimizer step of the last record that has one (0 when none)."""
+    steps = [_number(r.get("step")) for r in records]
+    return int(next((s for s in reversed(steps) if s is not None), 0))
+
+
 class RunLog:
     """What a training run keeps in ``run_dir``: ``metrics.jsonl``, ``checkpoints/last`` (and
     ``best``) and ``curves.png``. Only the process that ``writes`` (rank 0) touches them; every
-    process reads the ``last`` checkpoint to resume. ``run_dir=None`` keeps nothing."""
+    process reads the ``last`` checkpoint to resume. ``run_dir=None`` keeps nothing.
 
-    def __init__(self, run_dir: Path | None, *, writes: bool = True) -> None:
+    When ``metadata["config"]`` (the resolved run configuration) names ``train.loggers``, the
+    same records also go to those trackers (``polytask.train.trackers``)."""
+
+    def __init__(
+        self,
+        run_dir: Path | None,
+        *,
+        writes: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.writes = writes
+        self.metadata = dict(metadata or {})
         self._log: MetricsLog | None = None
+        self.trackers: list[Tracker] = []
 
     @property
     def last_checkpoint(self) -> Path | None:
@@ -390,6 +408,10 @@ class RunLog:
         if resumed_at is not None or path.exists():
             truncate_after(path, resumed_at or 0)
         self._log = MetricsLog(path)
+        config = self.metadata.get("config")
+        if isinstance(config, Mapping):
+            resume_step = None if resumed_at is None else _last_step(self._log.read())
+            self.trackers = open_trackers(config, self.run_dir, resume_step=resume_step)
 
     def epoch(
         self, record: Mapping[str, Any], state: Callable[[], Mapping[str, Any]], *, best: bool
@@ -399,9 +421,17 @@ class RunLog:
         if self._log is None or self.run_dir is None:
             return
         self._log.append(record)
+        values = scalars(record) if self.trackers else []
+        for tracker in self.trackers:
+            tracker.log_scalars(values)
         save_run_checkpoint(self.run_dir / "checkpoints", state(), best=best)
 
     def finish(self) -> None:
-        """Draw ``curves.png`` from the whole log."""
+        """Draw ``curves.png`` from the whole log; hand the plots and checkpoints to the
+        trackers and close them."""
         if self._log is not None and self.run_dir is not None:
             plot_curves(self._log.read(), self.run_dir / "curves.png")
+            for tracker in self.trackers:
+                tracker.log_artifacts(self.run_dir)
+                tracker.close()
+            self.trackers = []

@@ -12,15 +12,14 @@ the device and are read once per epoch (and, throttled, for the progress bar).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from polytask.balancing import Balancer
+from polytask.balancing import Balancer, diagnostics
 from polytask.data.batches import Batch
 from polytask.data.preprocess import inputs_to
 from polytask.errors import CheckpointError
@@ -30,35 +29,13 @@ from polytask.runtime import Runtime
 from polytask.tasks import TaskSpec
 from polytask.train import checkpoint
 from polytask.train.early_stopping import EarlyStopping
+from polytask.train.fit import BatchSource, EpochCallback, FitResult
 from polytask.train.meter import EpochMeter, micro_batches
 from polytask.train.nonfinite import NonFiniteGuard
 from polytask.train.progress import ProgressBar, note_update_every
 from polytask.train.runlog import RunLog, epoch_record
 
 __all__ = ["Batch", "BatchSource", "EpochCallback", "FitResult", "Trainer"]
-
-
-class BatchSource(Protocol):
-    """What the Trainer draws training batches from (e.g. ``BatchLoader``)."""
-
-    def set_epoch(self, epoch: int) -> None: ...
-    def __len__(self) -> int: ...
-    def __iter__(self) -> Iterator[Batch]: ...
-
-
-@dataclass
-class FitResult:
-    """What ``Trainer.fit`` did."""
-
-    epochs_run: int
-    best_epoch: int
-    best_value: float
-    stopped_early: bool
-    history: list[dict[str, Any]] = field(default_factory=list)
-    val_metrics: TaskMetrics = field(default_factory=dict)
-
-
-EpochCallback = Callable[[dict[str, Any]], None]
 
 
 class Trainer:
@@ -110,17 +87,21 @@ class Trainer:
         self.epochs, self.grad_clip = epochs, grad_clip
         self.early_stopping = early_stopping or EarlyStopping()
         self.metadata, self.callbacks = dict(metadata or {}), list(callbacks)
+        #: called with the epoch number before each epoch; one that returns True changed which
+        #: parameters train (e.g. ``polytask.models.transfer.Unfreeze``)
+        self.epoch_start_hooks: list[Callable[[int], bool]] = []
         self.description, self.accumulate_steps = description, accumulate_steps
         self.runtime = runtime or Runtime()
         self.device = self.runtime.device
         self.progress = progress and self.runtime.is_main  # rank 0 alone logs, plots and saves
-        self.files = RunLog(run_dir, writes=self.runtime.is_main)
+        self.files = RunLog(run_dir, writes=self.runtime.is_main, metadata=self.metadata)
         self.epoch = self.step = 0
         self.runtime.setup(model, balancer, accumulate_steps=accumulate_steps)
         self.guard = NonFiniteGuard.for_runtime(nonfinite, self.tasks, self.runtime)
         if self.progress:
             note_update_every(balancer)
         self._shared = model.shared_parameters()
+        self.diagnostics = diagnostics.GradientDiagnostics(balancer, self._shared)  # off: every=0
         self._params = [p for p in (*model.parameters(), *balancer.parameters()) if p.requires_grad]
         fixed = [t.weight for t in self.tasks]
         self._task_weights = (
@@ -186,7 +167,7 @@ class Trainer:
                     step=self.step,
                     lr=self.optimizer.param_groups[0]["lr"],
                     seconds=time.perf_counter() - started,
-                    train=train_record,
+                    train={**train_record, **self.diagnostics.end_epoch()},
                     val=val_metrics,
                     monitor=self.early_stopping.monitor(),
                     seen=getattr(self.train_batches, "seen_counts", None),
@@ -209,6 +190,10 @@ class Trainer:
         )
 
     def _train_epoch(self, bar: ProgressBar) -> dict[str, Any]:
+        if any([hook(self.epoch) for hook in self.epoch_start_hooks]):  # re-read what trains
+            self._shared[:] = self.model.shared_parameters()
+            every = (*self.model.parameters(), *self.balancer.parameters())
+            self._params[:] = [p for p in every if p.requires_grad]
         self.model.train()
         self.train_batches.set_epoch(self.epoch)
         meter = EpochMeter(self.tasks, self.device)
@@ -271,7 +256,7 @@ class Trainer:
                     present = counts > 0
                 if self._task_weights is not None:
                     losses = losses * self._task_weights
-                result = self.balancer.backward(
+                result = self.diagnostics.at(self.step, m).backward(
                     losses,
                     shared_params=self._shared if self.balancer.needs_shared_params else None,
                     features=out.features if self.balancer.needs_features else None,
@@ -284,12 +269,18 @@ class Trainer:
                 logged = logged + losses.detach() / m
                 weights = weights + result.weights.to(losses.dtype) / m
         assert present is not None and isinstance(logged, Tensor) and isinstance(weights, Tensor)
+        self.finish_step(snapshot, logged)
+        return logged, present, weights
+
+    def finish_step(self, snapshot: Any, logged: Tensor) -> None:
+        """The end of every step, once ``.grad`` is written: clip, step the optimizer (unless
+        the non-finite guard undoes the step; ``snapshot`` is its state before) and the
+        schedule, count the step."""
         self.runtime.clip_gradients(self.optimizer, self._params, self.grad_clip)
         self.guard.optimizer_step(self.optimizer, snapshot, logged, self._params, self.step + 1)
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
-        return logged, present, weights
 
     def _validate(self) -> TaskMetrics:
         if self.val_batches is None:

@@ -258,7 +258,7 @@ def test_gradient_diagnostics_are_refused_with_privacy(tiny_raw: dict[str, Any])
     """The diagnostics read the task gradients before clipping and noise: they would leak."""
     raw = _private_raw(tiny_raw, "upgrad")
     raw.setdefault("balancing", {})["diagnostics"] = {"every": 1}
-    with pytest.raises(ConfigError, match="balancing.diagnostics must be off"):
+    with pytest.raises(ConfigError, match=r"balancing\.diagnostics must be off"):
         train_run(parse_config(raw))
 
 

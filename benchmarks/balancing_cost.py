@@ -2,6 +2,14 @@
 
 The reference: an MLP trunk 256→1024→1024→256 with ReLU (1,575,168 shared parameters), batch 128,
 K linear heads alternating MSE regression and 10-class cross-entropy, synthetic data, plain SGD.
+``--family`` swaps the trunk for another model family (``FAMILIES``: the multi-digits CNN, a
+ResNet-18-style encoder on 32×32 images, the text transformer on 64 tokens, the tabular encoder
+with embeddings, MMoE over MLP experts); the heads and the data stay as above.
+``--fallback-methods`` adds rows of gradient methods forced onto the batched Jacobian (the
+fallback path), ``--batched-methods`` rows whose layer-wise backward is batched over all K tasks
+instead of one task per backward (the CPU default), and ``--dbmtl-steps`` the DB-MTL EMA study
+(``dbmtl_ema_study``). The first step of every method runs before the timing, and any warning
+that the layer-wise Gramian is off is listed in the header.
 A *step* is what a training loop does per batch: forward, the K losses, ``balancer.backward``
 and ``optimizer.step()``.
 
@@ -32,9 +40,11 @@ It also times the per-task Jacobian of the shared parameters: ONE batched backwa
 Usage:
     .venv/bin/python benchmarks/balancing_cost.py                      # full: K = 2 5 10 40
     .venv/bin/python benchmarks/balancing_cost.py --k 2 10 --steps 7   # reduced
+    .venv/bin/python benchmarks/balancing_cost.py --family cnn --k 10 --fallback-methods upgrad
     python benchmarks/balancing_cost.py --device cuda
 
-Writes ``benchmarks/results/balancing_cost_<device>.md`` (or ``--output``) and prints it.
+Writes ``benchmarks/results/balancing_cost_<device>.md`` (``_<device>_<family>.md`` for another
+family, or ``--output``) and prints it.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +93,10 @@ class Variant:
     label: str
     method: str
     params: dict[str, Any] = field(default_factory=dict)
+    #: False: force the batched Jacobian (the fallback path every non-MLP model took before)
+    autogram: bool = True
+    #: tasks per backward of the layer-wise path (None: its default, 1 on the CPU)
+    task_chunk: int | None = None
 
 
 @dataclass
@@ -107,33 +122,142 @@ def reference_tasks(k: int) -> list[TaskSpec]:
     ]
 
 
-def reference_model(tasks: Sequence[TaskSpec], device: torch.device) -> MultiTaskModel:
+@dataclass(frozen=True)
+class Family:
+    """A model family: how to build it for K tasks and make a batch of its inputs."""
+
+    description: str
+    input_shape: Any
+    encoder: str
+    encoder_params: dict[str, Any]
+    inputs: Callable[[int, torch.Generator], Any]
+    architecture: str = "hard_sharing"
+    architecture_params: dict[str, Any] = field(default_factory=dict)
+
+
+TEXT_LENGTH, VOCAB = 64, 2000
+CARDINALITIES = [1000, 200, 50, 20, 12, 7]
+
+
+def _tokens(n: int, g: torch.Generator) -> dict[str, Tensor]:
+    ids = torch.randint(1, VOCAB, (n, TEXT_LENGTH), generator=g)
+    ids[: n // 2, TEXT_LENGTH // 2 :] = 0  # half the rows padded
+    return {"text": ids}
+
+
+def _tabular(n: int, g: torch.Generator) -> dict[str, Tensor]:
+    codes = [torch.randint(0, c, (n,), generator=g) for c in CARDINALITIES]
+    return {"numeric": torch.randn(n, 16, generator=g), "categorical": torch.stack(codes, 1)}
+
+
+FAMILIES: dict[str, Family] = {
+    "mlp": Family(
+        f"MLP {INPUT}→{'→'.join(map(str, HIDDEN))} ReLU (the reference)",
+        (INPUT,),
+        "mlp",
+        {"hidden": HIDDEN},
+        lambda n, g: torch.randn(n, INPUT, generator=g),
+    ),
+    "cnn": Family(
+        "the multi-digits CNN: conv-BN-ReLU-pool ×2 (32, 64 channels) + linear 128, 1×16×16",
+        (1, 16, 16),
+        "cnn",
+        {"channels": [32, 64], "out_features": 128},
+        lambda n, g: torch.randn(n, 1, 16, 16, generator=g),
+    ),
+    "resnet": Family(
+        "ResNet-18-style: 4 stages × 2 basic blocks (64, 128, 256, 512 channels), 3×32×32",
+        (3, 32, 32),
+        "resnet",
+        {"channels": [64, 128, 256, 512], "blocks_per_stage": 2},
+        lambda n, g: torch.randn(n, 3, 32, 32, generator=g),
+    ),
+    "transformer": Family(
+        f"text transformer: 2 layers, d_model 64, 4 heads, feed-forward 128, sequence "
+        f"{TEXT_LENGTH}, vocabulary {VOCAB}",
+        {"text": {"shape": [TEXT_LENGTH], "vocab_size": VOCAB, "pad_id": 0}},
+        "transformer",
+        {"dropout": 0.0},
+        _tokens,
+    ),
+    "tabular": Family(
+        f"tabular: 16 numeric + {len(CARDINALITIES)} categorical columns (cardinalities "
+        f"{', '.join(map(str, CARDINALITIES))}; embeddings) → MLP 128→64",
+        {
+            "numeric": {"shape": [16]},
+            "categorical": {"shape": [len(CARDINALITIES)], "cardinalities": CARDINALITIES},
+        },
+        "tabular",
+        {"hidden": [128, 64]},
+        _tabular,
+    ),
+    "mmoe": Family(
+        f"MMoE: 8 MLP experts {INPUT}→256→128 ReLU, one softmax gate per task",
+        (INPUT,),
+        "mlp",
+        {"hidden": [256, 128]},
+        lambda n, g: torch.randn(n, INPUT, generator=g),
+        architecture="mmoe",
+        architecture_params={"num_experts": 8},
+    ),
+}
+
+
+def reference_model(
+    tasks: Sequence[TaskSpec], device: torch.device, family: str = "mlp"
+) -> MultiTaskModel:
+    spec = FAMILIES[family]
     torch.manual_seed(0)
-    model = build_model(list(tasks), (INPUT,), encoder="mlp", encoder_params={"hidden": HIDDEN})
+    model = build_model(
+        list(tasks),
+        spec.input_shape,
+        encoder=spec.encoder,
+        encoder_params=spec.encoder_params,
+        architecture=spec.architecture,
+        architecture_params=spec.architecture_params,
+    )
     return model.to(device)
 
 
+def _to(x: Any, device: torch.device) -> Any:
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
 def synthetic_batches(
-    tasks: Sequence[TaskSpec], batch: int, device: torch.device, count: int = 4
-) -> list[tuple[Tensor, dict[str, Tensor]]]:
+    tasks: Sequence[TaskSpec],
+    batch: int,
+    device: torch.device,
+    count: int = 4,
+    family: str = "mlp",
+) -> list[tuple[Any, dict[str, Tensor]]]:
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(count):
-        x = torch.randn(batch, INPUT, generator=g)
+        x = FAMILIES[family].inputs(batch, g)
         y = {
             t.name: torch.randn(batch, generator=g)
             if t.kind == "regression"
             else torch.randint(0, CLASSES, (batch,), generator=g)
             for t in tasks
         }
-        out.append((x.to(device), {n: v.to(device) for n, v in y.items()}))
+        out.append((_to(x, device), {n: v.to(device) for n, v in y.items()}))
     return out
 
 
 def variants(
-    methods: Sequence[str], update_every: int, every_methods: Sequence[str]
+    methods: Sequence[str],
+    update_every: int,
+    every_methods: Sequence[str],
+    fallback_methods: Sequence[str] = (),
+    batched_methods: Sequence[str] = (),
 ) -> list[Variant]:
-    rows = []
+    rows = [
+        Variant(f"{name} (batched Jacobian)", name, autogram=False) for name in fallback_methods
+    ]
+    rows += [
+        Variant(f"{name} (layer-wise, K tasks batched)", name, task_chunk=1 << 30)
+        for name in batched_methods
+    ]
     for name in methods:
         label = name
         level = BALANCERS.parameters(name).get("level")
@@ -174,21 +298,28 @@ def time_target(variant: Variant) -> float | None:
     if not issubclass(builder, GradientAggregator):
         return 1.05
     if level == "features":
-        return 1.3
+        return 1.5 if variant.method == "graddrop" else 1.3
     if variant.method in JACOBIAN_ONLY:
         return None
     return 5.0
 
 
-def make_runner(variant: Variant, tasks: Sequence[TaskSpec], device: torch.device) -> Runner:
-    model = reference_model(tasks, device)
+def make_runner(
+    variant: Variant, tasks: Sequence[TaskSpec], device: torch.device, family: str = "mlp"
+) -> Runner:
+    model = reference_model(tasks, device, family)
     balancer = build_balancer(variant.method, tasks, params=variant.params).to(device)
+    if isinstance(balancer, GradientAggregator):
+        balancer.use_autogram = variant.autogram
     balancer.attach(model)
+    hooks = getattr(getattr(balancer, "gramian_source", None), "hooks", None)
+    if hooks is not None:
+        hooks.task_chunk = variant.task_chunk
     optimizer = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=1e-3)
     return Runner(variant, model, balancer, optimizer)
 
 
-def train_step(r: Runner, x: Tensor, y: dict[str, Tensor]) -> None:
+def train_step(r: Runner, x: Any, y: dict[str, Tensor]) -> None:
     out = r.model(x)
     losses = {t.name: t.compute_loss(out.outputs[t.name], y[t.name])[0] for t in r.model.tasks}
     r.optimizer.zero_grad(set_to_none=True)
@@ -247,8 +378,16 @@ def measure_k(
     k: int, rows: Sequence[Variant], args: argparse.Namespace, device: torch.device
 ) -> list[Runner]:
     tasks = reference_tasks(k)
-    batches = synthetic_batches(tasks, args.batch, device)
-    runners = [make_runner(v, tasks, device) for v in rows]
+    batches = synthetic_batches(tasks, args.batch, device, family=args.family)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runners = [make_runner(v, tasks, device, args.family) for v in rows]
+        for r in runners:  # the first step, where the layer-wise path checks itself
+            train_step(r, *batches[0])
+    fallbacks = sorted({str(w.message) for w in caught if "autogram" in str(w.message)})
+    for message in fallbacks:
+        print(f"  warning: {message}", file=sys.stderr)
+    args.fallback_warnings = [*getattr(args, "fallback_warnings", []), *fallbacks]
     for round_ in range(args.warmup + args.steps):
         x, y = batches[round_ % len(batches)]
         shift = round_ % len(runners)
@@ -268,9 +407,9 @@ def measure_jacobian(k: int, args: argparse.Namespace, device: torch.device) -> 
     """Median seconds (and peak bytes) of one plain backward, one batched per-task Jacobian
     and K backward passes with ``retain_graph``, on the reference model."""
     tasks = reference_tasks(k)
-    model = reference_model(tasks, device)
+    model = reference_model(tasks, device, args.family)
     shared = model.shared_parameters()
-    x, y = synthetic_batches(tasks, args.batch, device, count=1)[0]
+    x, y = synthetic_batches(tasks, args.batch, device, count=1, family=args.family)[0]
 
     def losses() -> Tensor:
         out = model(x).outputs
@@ -298,6 +437,78 @@ def measure_jacobian(k: int, args: argparse.Namespace, device: torch.device) -> 
         vector = losses()
         result[f"{name}_peak"] = peak_bytes(lambda fn=fn, vector=vector: fn(vector), device)
     return result
+
+
+# --------------------------------------------------------------------------- DB-MTL's EMA
+def dbmtl_ema_study(args: argparse.Namespace) -> list[str]:
+    """Can DB-MTL's K×P gradient EMA live at the representation level? Along one training run
+    of the parameter-level method (a small MLP, K = 4), compare its shared update with the one
+    a representation-level EMA (each task's gradient w.r.t. the shared features, same β schedule
+    and max-norm factors, pulled back through the current step's encoder) gives."""
+    from polytask.balancing.jacobian import task_jacobian
+
+    torch.manual_seed(0)
+    k, batch, width = 4, 64, 32
+    tasks = [
+        TaskSpec(f"t{i}", "regression")
+        if i % 2 == 0
+        else TaskSpec(f"t{i}", "multiclass", num_classes=5)
+        for i in range(k)
+    ]
+    model = build_model(tasks, (width,), encoder_params={"hidden": [64, 64, 32]})
+    dbmtl = build_balancer("db_mtl", tasks)
+    dbmtl.attach(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.005)
+    truth = torch.randn(width, k)
+    ema: Tensor | None = None
+    cosines, gaps = [], []
+    for _ in range(args.dbmtl_steps):
+        x = torch.randn(batch, width)
+        z = x @ truth
+        y = {
+            t.name: z[:, i] if t.kind == "regression" else (z[:, i] * 2).long().clamp(-2, 2) + 2
+            for i, t in enumerate(tasks)
+        }
+        out = model(x)
+        losses = torch.stack([t.compute_loss(out.outputs[t.name], y[t.name])[0] for t in tasks])
+        shared = model.shared_parameters()
+        feature_rows = task_jacobian(losses, [out.features], retain_graph=True)[0]
+        assert feature_rows is not None
+        beta_t = dbmtl.beta / (int(dbmtl.ema_steps) + 1.0) ** dbmtl.beta_sigma
+        rows = feature_rows.reshape(k, -1)
+        ema = (1 - beta_t) * rows if ema is None else beta_t * ema + (1 - beta_t) * rows
+        norms = ema.norm(dim=1)
+        factors = norms.max() / norms
+        pulled = torch.autograd.grad(
+            out.features, shared, (factors @ ema).view_as(out.features), retain_graph=True
+        )
+        opt.zero_grad(set_to_none=True)
+        result = dbmtl.backward(losses, shared_params=shared)
+        update = torch.cat([p.grad.reshape(-1) for p in shared])
+        other = torch.cat([g.reshape(-1) for g in pulled])
+        cosines.append(float(torch.nn.functional.cosine_similarity(update, other, dim=0)))
+        gaps.append(float(((result.weights - factors).abs() / result.weights).max()))
+        opt.step()
+    p = sum(t.numel() for t in model.shared_parameters())
+    return [
+        "## DB-MTL: the gradient EMA at the representation level?",
+        "",
+        f"A {width}→64→64→32 MLP ({p:,} shared parameters), K = {k}, batch {batch}, "
+        f"{args.dbmtl_steps} SGD steps of parameter-level DB-MTL; at each step the update a "
+        "representation-level EMA would give (EMA of each task's feature gradient, same β "
+        "schedule and max-norm factors, pulled back through the step's encoder).",
+        "",
+        "| quantity | median | worst |",
+        "| --- | ---: | ---: |",
+        f"| cosine of the two shared updates | {statistics.median(cosines):.3f} | "
+        f"{min(cosines):.3f} |",
+        f"| largest relative gap between the task factors | {statistics.median(gaps):.3f} | "
+        f"{max(gaps):.3f} |",
+        "",
+        f"State: K×P = {k * p:,} floats at the parameter level, K×B×d = "
+        f"{k * batch * 32:,} at the representation level.",
+        "",
+    ]
 
 
 # --------------------------------------------------------------------------- report
@@ -397,18 +608,22 @@ def header(
 ) -> list[str]:
     shared = sum(
         p.numel()
-        for p in reference_model(reference_tasks(2), torch.device("cpu")).shared_parameters()
+        for p in reference_model(
+            reference_tasks(2), torch.device("cpu"), args.family
+        ).shared_parameters()
     )
     threads = torch.get_num_threads()
     memory_source = "CUDA allocator" if device.type == "cuda" else "torch.profiler CPU allocations"
     return [
-        f"# Balancing cost on the reference model ({device.type})",
+        f"# Balancing cost on the {args.family} family ({device.type})",
         "",
         f"- device: {device_name(device)}; torch {torch.__version__}; "
         f"{threads} CPU thread{'s' if threads != 1 else ''}; Python {platform.python_version()}",
-        f"- model: MLP {INPUT}→{'→'.join(map(str, HIDDEN))} ReLU ({shared:,} shared parameters), "
+        f"- model: {FAMILIES[args.family].description} ({shared:,} shared parameters), "
         f"batch {args.batch}, K linear heads alternating MSE and {CLASSES}-class cross-entropy, "
         "SGD",
+        "- fallback warnings (the layer-wise Gramian off for a model): "
+        + ("; ".join(getattr(args, "fallback_warnings", [])) or "none"),
         f"- {args.steps} timed steps after {args.warmup} warm-up steps per method, interleaved; "
         f"peak memory from one extra step ({memory_source})",
         f"- command: `{command_line()}`; {dt.date.today().isoformat()}; {seconds / 60:.1f} min; "
@@ -426,6 +641,19 @@ def header(
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="mlp", help="the model")
+    parser.add_argument(
+        "--fallback-methods",
+        nargs="*",
+        default=[],
+        help="gradient methods to time again on the batched Jacobian (the fallback path)",
+    )
+    parser.add_argument(
+        "--batched-methods",
+        nargs="*",
+        default=[],
+        help="Gramian methods to time again with the layer-wise backward batched over all K",
+    )
     parser.add_argument("--k", type=int, nargs="+", default=[2, 5, 10, 40])
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered one")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per method")
@@ -443,6 +671,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jacobian-reps", type=int, default=10)
     parser.add_argument("--jacobian-warmup", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--dbmtl-steps",
+        type=int,
+        default=0,
+        help="also run the DB-MTL EMA study over this many steps (0: skip)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -453,6 +687,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if "equal" not in methods:
         methods = ["equal", *methods]
     args.methods = ["equal", *[m for m in methods if m != "equal"]]
+    for m in args.fallback_methods:
+        if m not in BALANCERS or not issubclass(BALANCERS.get(m), GradientAggregator):
+            parser.error(f"--fallback-methods: {m!r} is not a registered gradient method")
     for m in args.update_every_methods:
         if m not in BALANCERS or not issubclass(BALANCERS.get(m), GramianWeightingAggregator):
             parser.error(f"--update-every-methods: {m!r} is not a registered Gramian weighting")
@@ -467,7 +704,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device)
     start = time.perf_counter()
     loads = [load_average()]
-    rows = variants(args.methods, args.update_every, args.update_every_methods)
+    rows = variants(
+        args.methods,
+        args.update_every,
+        args.update_every_methods,
+        args.fallback_methods,
+        args.batched_methods,
+    )
     body: list[str] = ["## Step cost per method", ""]
     for k in args.k:
         body += k_table(k, measure_k(k, rows, args, device))
@@ -476,8 +719,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.jacobian_k:
         results = {k: measure_jacobian(k, args, device) for k in args.jacobian_k}
         body += jacobian_table(results)
+    if args.dbmtl_steps:
+        body += dbmtl_ema_study(args)
     text = "\n".join(header(args, device, time.perf_counter() - start, loads) + body)
-    output = args.output or ROOT / "benchmarks" / "results" / f"balancing_cost_{device.type}.md"
+    suffix = "" if args.family == "mlp" else f"_{args.family}"
+    name = f"balancing_cost_{device.type}{suffix}.md"
+    output = args.output or ROOT / "benchmarks" / "results" / name
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     print(text)

@@ -6,7 +6,7 @@ step) and (b) by ``polytask.train.Trainer`` with equal weighting (masked per-tas
 balancer, the scheduler, on-device running sums). Each is timed over whole epochs, repeated;
 the table gives the median samples/s and the Trainer's share of time waiting for data.
 
-    python benchmarks/overhead.py [--device cpu|cuda] [--repeats 5] [--samples 20000]
+    python benchmarks/overhead.py [--device cpu|cuda] [--batch-size 256 1024] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from polytask.balancing import build_balancer
 from polytask.data.batches import BatchLoader, MultiLabelDataset
+from polytask.io import write_text_atomic
 from polytask.models import build_model
 from polytask.runtime import Runtime
 from polytask.tasks import TaskSpec
@@ -107,12 +108,38 @@ def trainer_loop(x, y, *, batch: int, epochs: int, device: torch.device) -> tupl
     return epochs * x.shape[0] / elapsed, wait
 
 
+def measure(x, y, *, batch: int, args: argparse.Namespace, device: torch.device) -> list[str]:
+    """Interleaved repeats of both loops at one batch size: one table row each."""
+    hand_loop(x, y, batch=batch, epochs=1, device=device)  # warm-up both paths
+    trainer_loop(x, y, batch=batch, epochs=1, device=device)
+    hand, ours, waits = [], [], []
+    for _ in range(args.repeats):  # interleaved so drifts in machine load hit both
+        hand.append(hand_loop(x, y, batch=batch, epochs=args.epochs, device=device))
+        speed, wait = trainer_loop(x, y, batch=batch, epochs=args.epochs, device=device)
+        ours.append(speed)
+        waits.append(wait)
+    h, o = statistics.median(hand), statistics.median(ours)
+    return [
+        f"| {batch} | hand-written | {h:,.0f} | {min(hand):,.0f} | {max(hand):,.0f} | 100.0% | — |",
+        f"| {batch} | polytask Trainer (equal) | {o:,.0f} | {min(ours):,.0f} | {max(ours):,.0f} | "
+        f"{100 * o / h:.1f}% | {100 * statistics.median(waits):.2f}% |",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--features", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument(
+        "--batch-size",
+        "--batch",
+        dest="batch",
+        type=int,
+        nargs="+",
+        default=[256],
+        help="one or more batch sizes (a pair of rows each)",
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -120,39 +147,33 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
     x, y = make_data(args.samples, args.features, device)
-    hand_loop(x, y, batch=args.batch, epochs=1, device=device)  # warm-up both paths
-    trainer_loop(x, y, batch=args.batch, epochs=1, device=device)
-    hand, ours, waits = [], [], []
-    for _ in range(args.repeats):  # interleaved so drifts in machine load hit both
-        hand.append(hand_loop(x, y, batch=args.batch, epochs=args.epochs, device=device))
-        speed, wait = trainer_loop(x, y, batch=args.batch, epochs=args.epochs, device=device)
-        ours.append(speed)
-        waits.append(wait)
-    h, o = statistics.median(hand), statistics.median(ours)
+    rows = [
+        row for batch in args.batch for row in measure(x, y, batch=batch, args=args, device=device)
+    ]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     table = "\n".join(
         [
             f"# Trainer overhead ({name}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads)",
             "",
-            f"MLP {args.features}→1024→1024→256, 3 heads, batch {args.batch}, "
-            f"{args.samples} samples × {args.epochs} epochs, median of {args.repeats} repeats.",
+            f"MLP {args.features}→1024→1024→256, 3 heads, {args.samples} samples × "
+            f"{args.epochs} epochs, median of {args.repeats} interleaved repeats.",
             "",
-            "| loop | samples/s (median) | min | max | relative |",
-            "|---|---|---|---|---|",
-            f"| hand-written | {h:,.0f} | {min(hand):,.0f} | {max(hand):,.0f} | 100.0% |",
-            f"| polytask Trainer (equal) | {o:,.0f} | {min(ours):,.0f} | {max(ours):,.0f} | "
-            f"{100 * o / h:.1f}% |",
+            "| batch | loop | samples/s (median) | min | max | relative | data wait |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+            *rows,
             "",
-            f"Trainer time waiting for data: {100 * statistics.median(waits):.2f}% of the "
-            "training time (median over repeats).",
+            "*data wait*: the Trainer's time waiting for data, share of the training time "
+            "(median over repeats).",
         ]
     )
     print(table)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"overhead_{device.type}.md"
-    out.write_text(table + "\n")
+    write_text_atomic(out, table + "\n")
     print(f"\nwrote {out}")
 
 

@@ -8,9 +8,10 @@ shared update is ``Σ_k w_k ∇L_k``) or the K×P Jacobian ``J`` itself. The eng
   (``jacobian.task_jacobian``), averaged over processes under DDP. It works for every model and
   every method; its ``JacobianStep.apply`` writes any update ``[P]``.
 - ``GramianSource``: the layer-wise Gramian (``layerwise.LayerwiseGramian``: forward hooks on the
-  model's shared ``nn.Linear`` layers), without ever forming ``J``; only for methods that are a
-  weighting of the Gramian, on one process, at the parameters level, and only when ``attach``
-  found the model eligible. Its ``LayerwiseStep.apply`` writes ``Σ_k w_k ∇L_k``.
+  model's shared ``nn.Linear`` and ``nn.Embedding`` layers, per-task gradients of every other
+  shared parameter), without ever forming the K×P ``J`` at once; only for methods that are a
+  weighting of the Gramian, on one process, at the parameters level, for a model that has
+  ``shared_parameters()``. Its ``LayerwiseStep.apply`` writes ``Σ_k w_k ∇L_k``.
 
 Both take the losses already multiplied by the gradient scale (fp16 loss scale, accumulation)
 and return the geometry of the unscaled losses; both write scaled gradients.
@@ -91,8 +92,8 @@ class GramianSource:
         self.hooks: LayerwiseGramian | None = None
 
     def attach(self, model: nn.Module) -> None:
-        """Hook ``model``'s shared linear layers (replacing earlier hooks); warns once and stays
-        off when the model is not eligible."""
+        """Hook ``model``'s shared layers (replacing earlier hooks); warns once and stays off
+        when the model shares no trainable parameter."""
         self.detach()
         self.hooks = LayerwiseGramian.attach(model, active=self.active, owner=self.owner)
 

@@ -95,8 +95,14 @@ def test_seeded_draws_and_state_dict_round_trip() -> None:
 
 
 def test_training_step() -> None:
-    _train_step("graddrop")
+    _train_step("graddrop")  # the representation level, the default
     _train_step("graddrop", level="features", leak=0.2)
+    _train_step("graddrop", level="parameters")  # the parameter level, as an option
+
+
+def test_the_representation_level_is_the_default() -> None:
+    assert GradDrop(["a", "b"]).level == "features"
+    assert GradDrop(["a", "b"], level="parameters").level == "parameters"
 
 
 def test_registry_and_errors() -> None:

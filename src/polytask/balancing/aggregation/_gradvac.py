@@ -91,6 +91,9 @@ class GradVac(GradientAggregator):
     Gramian and tracks the coefficients ``C`` (``g_i' = C_i J``); the reported weights are
     ``1ᵀ C`` and the update is exactly ``weights @ J``.
 
+    Being a weighting of the Gramian, it takes the layer-wise Gramian where the model allows it
+    (``layerwise.py``): same weights, targets and update as on the Jacobian path.
+
     The paper can apply this per layer; here it is applied to the whole shared-parameter vector
     (LibMTL's ``group_type=0``). The K×K Gramian is moved to the CPU for the sequential pairwise
     loop (one host synchronisation per step). The random order comes from ``seed`` and a draw
@@ -141,14 +144,14 @@ class GradVac(GradientAggregator):
         self.register_buffer("targets", torch.zeros(k, k, dtype=torch.float64))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
 
-    def aggregate(
-        self, jacobian: Tensor, losses: Tensor, rows: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """(update, weights) for the Jacobian of the tasks ``rows`` (all tasks by default)."""
-        k = jacobian.shape[0]
-        index = present_rows(k, self.num_tasks, rows, "GradVac")
-        index = index.to("cpu")
-        gram = gramian(jacobian.detach()).to("cpu", torch.float64).numpy()
+    def weights_from_gramian(
+        self, gramian: Tensor, losses: Tensor, rows: Tensor | None = None
+    ) -> Tensor:
+        """The weights ``1ᵀC`` from the Gramian of the present tasks ``rows``; updates their
+        targets and the draw counter."""
+        k = gramian.shape[0]
+        index = present_rows(k, self.num_tasks, rows, "GradVac").to("cpu")
+        gram = gramian.detach().to("cpu", torch.float64).numpy()
         rng = np.random.default_rng([self.seed, int(self.draws)])
         orders = [rng.permutation(k).tolist() for _ in range(k)]
         sub = self.targets.detach().to("cpu")[index][:, index].numpy()
@@ -157,5 +160,16 @@ class GradVac(GradientAggregator):
         targets[index.unsqueeze(1), index.unsqueeze(0)] = torch.from_numpy(new_sub)
         self.targets.copy_(targets)
         self.draws += 1
-        weights = torch.from_numpy(coeffs.sum(axis=0)).to(jacobian.device, jacobian.dtype)
+        return torch.from_numpy(coeffs.sum(axis=0)).to(gramian.device)
+
+    def aggregate(
+        self, jacobian: Tensor, losses: Tensor, rows: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(update, weights) for the Jacobian of the tasks ``rows`` (all tasks by default)."""
+        weights = self.weights_from_gramian(gramian(jacobian), losses, rows)
+        weights = weights.to(jacobian.device, jacobian.dtype)
         return weights @ jacobian, weights
+
+    def _is_gramian_weighting(self) -> bool:
+        # a weighting of the Gramian (with EMA targets): takes the layer-wise path
+        return True

@@ -63,6 +63,9 @@ class PCGrad(GradientAggregator):
     ``weights @ J == update`` exactly. The method is not a fixed weighting of the gradients
     (the order is random and the projections depend on J), so ``update_every`` must be 1.
 
+    Being a weighting of the Gramian, it takes the layer-wise Gramian where the model allows it
+    (``layerwise.py``): same weights and update as on the Jacobian path, without forming J.
+
     The orders come from a CPU ``torch.Generator`` seeded by ``seed``; its state is kept in the
     buffer ``rng_state``, so ``state_dict()`` round-trips the random stream exactly (no device
     synchronisation: the generator never leaves the CPU).
@@ -113,19 +116,27 @@ class PCGrad(GradientAggregator):
         self.rng_state.copy_(self._generator.get_state())
         return orders
 
+    def weights_from_gramian(
+        self, gramian: Tensor, losses: Tensor, rows: Tensor | None = None
+    ) -> Tensor:
+        """The weights ``1ᵀC`` (divided by K for ``reduction="mean"``) from the Gramian of the
+        present tasks (float64 but on MPS); draws this step's random orders."""
+        k = gramian.shape[0]
+        wide = torch.float32 if gramian.device.type == "mps" else torch.float64
+        gram = gramian.to(wide)
+        orders = self.draw_orders(k).to(gram.device)
+        weights = pcgrad_coefficients(gram, orders).sum(dim=0)
+        return weights / k if self.reduction == "mean" else weights
+
     def aggregate(
         self, jacobian: Tensor, losses: Tensor, rows: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        k = jacobian.shape[0]
-        wide = torch.float32 if jacobian.device.type == "mps" else torch.float64
-        gram = gramian(jacobian).to(wide)
-        orders = self.draw_orders(k).to(gram.device)
-        coef = pcgrad_coefficients(gram, orders)
-        weights = coef.sum(dim=0)
-        if self.reduction == "mean":
-            weights = weights / k
-        weights = weights.to(jacobian.dtype)
+        weights = self.weights_from_gramian(gramian(jacobian), losses, rows).to(jacobian.dtype)
         return weights @ jacobian, weights
+
+    def _is_gramian_weighting(self) -> bool:
+        # a weighting of the Gramian (drawn afresh each step): takes the layer-wise path
+        return True
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, seed={self.seed}, level={self.level!r}"

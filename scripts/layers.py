@@ -44,6 +44,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models", "balancing", "data"),
     ("__init__",),  # the package's own __init__: its version and re-exports of the layers below
     ("tasks", "pretrained"),  # pretrained: where packaged pretrained models are (data and models)
+    ("dense_tasks",),  # the dense (per-pixel) task kinds tasks.TaskSpec delegates to
     ("registry",),
     ("io", "errors"),
 ]

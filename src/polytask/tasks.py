@@ -30,9 +30,20 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection, classification, regression
 
+from polytask.dense_tasks import (
+    DENSE_KINDS,
+    DENSE_METRICS,
+    build_dense_metric,
+    dense_decode,
+    dense_label_mask,
+    dense_loss,
+    dense_problems,
+)
 from polytask.errors import ConfigError
 
-TaskKind = Literal["binary", "multiclass", "multilabel", "regression"]
+TaskKind = Literal[
+    "binary", "multiclass", "multilabel", "regression", "segmentation", "depth", "normals"
+]
 TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
 
 #: loss name → (kinds it applies to)
@@ -42,12 +53,18 @@ LOSSES: dict[str, tuple[str, ...]] = {
     "mse": ("regression",),
     "l1": ("regression",),
     "huber": ("regression",),
+    "pixel_cross_entropy": ("segmentation",),
+    "masked_l1": ("depth",),
+    "cosine": ("normals",),
 }
 DEFAULT_LOSS: dict[str, str] = {
     "multiclass": "cross_entropy",
     "binary": "bce",
     "multilabel": "bce",
     "regression": "mse",
+    "segmentation": "pixel_cross_entropy",
+    "depth": "masked_l1",
+    "normals": "cosine",
 }
 #: metric name → higher is better, per kind (the first ones are the defaults)
 METRICS: dict[str, dict[str, bool]] = {
@@ -73,12 +90,14 @@ METRICS: dict[str, dict[str, bool]] = {
         "macro_recall": True,
     },
     "regression": {"rmse": False, "mae": False, "r2": True},
+    **DENSE_METRICS,
 }
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "binary": ("accuracy", "auroc", "f1", "log_loss"),
     "multiclass": ("accuracy", "macro_f1"),
     "multilabel": ("accuracy", "macro_f1", "auroc"),
     "regression": ("rmse", "mae", "r2"),
+    **{kind: tuple(names) for kind, names in DENSE_METRICS.items()},
 }
 
 
@@ -88,9 +107,10 @@ class TaskSpec:
 
     Args:
         name: the task's name (a key of the model's output and of each batch's targets).
-        kind: ``binary``, ``multiclass``, ``multilabel`` or ``regression``.
-        num_classes: classes (multiclass), labels (multilabel) or outputs (regression); 1 for
-            binary.
+        kind: ``binary``, ``multiclass``, ``multilabel``, ``regression`` or a dense (per-pixel)
+            kind ``segmentation``, ``depth``, ``normals`` (``polytask.dense_tasks``).
+        num_classes: classes (multiclass, segmentation), labels (multilabel) or outputs
+            (regression); 1 for binary and depth, 3 for normals.
         loss: a name from ``LOSSES`` valid for ``kind``; the kind's default when ``None``.
         metrics: names from ``METRICS[kind]``; the kind's defaults when ``None``.
         weight: a fixed factor on this task's loss (the balancer's weights multiply it).
@@ -121,6 +141,8 @@ class TaskSpec:
         if self.kind not in TASK_KINDS:
             out.append(f"unknown kind {self.kind!r}; valid: {', '.join(TASK_KINDS)}")
             return out
+        if self.kind in DENSE_KINDS:
+            out.extend(dense_problems(self.kind, self.num_classes))
         if self.kind == "multiclass" and self.num_classes < 2:
             out.append("a multiclass task needs num_classes >= 2")
         if self.kind == "binary" and self.num_classes != 1:
@@ -196,7 +218,9 @@ class TaskSpec:
     # ----------------------------------------------------------------- labels and loss
     def label_mask(self, target: Tensor) -> Tensor:
         """Boolean mask of labelled entries: per sample, or per element for multilabel and
-        vector regression."""
+        vector regression, per pixel for the dense kinds (``polytask.dense_tasks``)."""
+        if self.kind in DENSE_KINDS:
+            return dense_label_mask(self.kind, target)
         if self.kind == "multiclass":
             return target >= 0
         if self.kind == "regression":
@@ -240,6 +264,8 @@ class TaskSpec:
         Both are tensors (no host synchronisation); the loss is exactly 0 with a zero count
         when nothing is labelled.
         """
+        if self.kind in DENSE_KINDS:
+            return dense_loss(self.kind, output, target)
         mask = self.label_mask(target)
         count = mask.sum()
         weights = self._class_weights(output)
@@ -271,7 +297,10 @@ class TaskSpec:
     # ----------------------------------------------------------------- predictions
     def decode(self, output: Tensor) -> Tensor:
         """Head output → prediction: probabilities (binary, multilabel: per label; multiclass:
-        per class) or values in the targets' original units (regression)."""
+        per class) or values in the targets' original units (regression); per pixel for the
+        dense kinds (``polytask.dense_tasks.dense_decode``)."""
+        if self.kind in DENSE_KINDS:
+            return dense_decode(self.kind, output)
         if self.kind == "multiclass":
             return output.softmax(dim=-1)
         if self.kind in ("binary", "multilabel"):
@@ -295,6 +324,9 @@ class TaskSpec:
         """Feed one batch (raw head output, raw targets) to ``metrics``, skipping unlabelled
         entries."""
         prediction = self.decode(output.detach())
+        if self.kind in DENSE_KINDS:  # the dense metrics skip unlabelled pixels themselves
+            metrics.update(prediction, target)
+            return
         if self.kind == "regression":
             mask = self.label_mask(target)
             if mask.dim() > 1:  # a row counts when all its outputs are labelled
@@ -379,6 +411,8 @@ def class_balanced_weights(
 
 
 def _build_metric(kind: str, name: str, n: int) -> Metric:
+    if kind in DENSE_KINDS:
+        return build_dense_metric(kind, name, n)
     if kind == "regression":
         if name == "rmse":
             return regression.MeanSquaredError(squared=False, num_outputs=n)

@@ -1,7 +1,7 @@
 """nn.Modules only: encoders, task heads and multi-task architectures, each found by name."""
 
 # importing a module registers its encoders: modalities, then pretrained backbones
-from polytask.models import audio, efficientnet, fusion, hf_text, resnet, text  # noqa: F401
+from polytask.models import audio, dense, efficientnet, fusion, hf_text, resnet, text  # noqa: F401
 from polytask.models.architectures import (
     ARCHITECTURES,
     HardSharing,

@@ -14,11 +14,23 @@ Example:
 
 from __future__ import annotations
 
-from polytask.data.sources import digits, file, mnist, modalities, recsys, river_data, synthetic
+from polytask.data.sources import (
+    dense_folders,
+    dense_shapes,
+    digits,
+    file,
+    mnist,
+    modalities,
+    recsys,
+    river_data,
+    synthetic,
+)
 from polytask.data.sources.registry import DATASETS, load_dataset
 
 __all__ = [
     "DATASETS",
+    "dense_folders",
+    "dense_shapes",
     "digits",
     "file",
     "load_dataset",

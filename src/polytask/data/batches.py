@@ -25,7 +25,7 @@ Batch = tuple[Inputs, dict[str, Tensor]]
 
 def target_tensor(task: TaskSpec, values: np.ndarray) -> Tensor:
     """Labels as the tensor type the task's loss expects (int64 classes, float32 otherwise)."""
-    if task.kind == "multiclass":
+    if task.kind in ("multiclass", "segmentation"):
         return torch.as_tensor(np.asarray(values), dtype=torch.int64)
     y = torch.as_tensor(np.asarray(values, dtype=np.float32))
     if task.kind in ("binary", "multilabel"):
@@ -75,9 +75,25 @@ def missing_labels(task: TaskSpec, template: Tensor | None, n: int) -> Tensor:
     else:
         wide = task.kind == "multilabel" or (task.kind == "regression" and task.num_classes > 1)
         shape = (task.num_classes,) if wide else ()
-        dtype = torch.int64 if task.kind == "multiclass" else torch.float32
-    fill = -1 if task.kind == "multiclass" else float("nan")
+        dtype = torch.int64 if task.kind in ("multiclass", "segmentation") else torch.float32
+    fill = -1 if task.kind in ("multiclass", "segmentation") else float("nan")
     return torch.full((1, *shape), fill, dtype=dtype).expand(n, *shape)
+
+
+def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> Tensor:
+    """The sample order of epoch ``epoch``: a permutation of ``range(n)`` that depends only on
+    ``(seed, epoch)`` when shuffling, else ``0..n-1`` (shared by every batch source, so in-memory
+    and streamed data draw the same samples)."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def rank_share(batch: Tensor, rank: int, world_size: int) -> Tensor:
+    """Process ``rank``'s contiguous share of a global batch (the shares are disjoint and
+    together the whole batch; the last processes' shares may be shorter or empty)."""
+    share = -(-len(batch) // world_size)
+    return batch[rank * share : (rank + 1) * share]
 
 
 class BatchLoader:
@@ -123,15 +139,10 @@ class BatchLoader:
         return n // size if self.drop_last else -(-n // size)
 
     def __iter__(self) -> Iterator[Batch]:
-        n = len(self.dataset)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
+        n, seed, epoch = len(self.dataset), self.seed, self.epoch
+        order = epoch_order(n, shuffle=self.shuffle, seed=seed, epoch=epoch)
         order = order.to(self.dataset.device)  # one copy per epoch, not one per batch
         size = self.batch_size * self.world_size
         for i in range(len(self)):
             batch = order[i * size : (i + 1) * size]
-            share = -(-len(batch) // self.world_size)
-            yield self.dataset.take(batch[self.rank * share : (self.rank + 1) * share])
+            yield self.dataset.take(rank_share(batch, self.rank, self.world_size))

@@ -76,8 +76,13 @@ SPECIAL = [
     Case("mtan", resnet, input_shape=IMAGE, id="mtan-resnet"),
     Case("esmm"),
 ]
+#: architectures of per-pixel tasks only (the per-sample tasks above do not apply): each has its
+#: own tests (dense_mtan: tests/test_dense.py)
+DENSE_ONLY = {"dense_mtan"}
 CASES = SPECIAL + [
-    Case(name) for name in ARCHITECTURES.names() if name not in {c.name for c in SPECIAL}
+    Case(name)
+    for name in ARCHITECTURES.names()
+    if name not in {c.name for c in SPECIAL} | DENSE_ONLY
 ]
 IDS = [c.id or c.name for c in CASES]
 GATED = [c for c in CASES if c.name in {"mmoe", "cgc", "ple"}]

@@ -227,3 +227,40 @@ def test_task_weights_and_class_balance_from_config(tmp_path: Path) -> None:
     raw["data"]["task_weights"] = {"nope": 2.0}
     with pytest.raises(ConfigError, match=r"data.task_weights: unknown task\(s\) nope"):
         build_data(parse_config(raw))
+
+
+def test_a_stop_swallowed_by_a_finalizer_stops_the_loop_at_its_next_step(
+    tiny_raw: dict, tmp_path: Path, monkeypatch
+) -> None:
+    """A SIGTERM whose KeyboardInterrupt lands inside a finalizer is ignored by Python (CI saw
+    one in a matplotlib weakref callback: the run went on); the request is kept and the loop
+    raises it at its next step."""
+    import signal
+    import sys
+
+    from polytask.errors import RunInterrupted
+    from polytask.runtime import interrupts
+
+    class DroppedWhileTheSignalArrives:
+        def __del__(self) -> None:  # what cli.app's handler does, inside a finalizer
+            interrupts.request_stop(signal.SIGTERM)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "unraisablehook", interrupts._unraisable)
+    tiny_raw["train"]["epochs"] = 3
+    stepped: list[int] = []
+
+    def after_epoch(record: dict) -> None:
+        stepped.append(record["step"])
+        if record["epoch"] == 1:
+            DroppedWhileTheSignalArrives()  # collected at once: the exception is swallowed
+
+    try:
+        with pytest.raises(RunInterrupted, match="polytask train --resume"):
+            _train(tiny_raw, tmp_path / "run", callbacks=[after_epoch])
+    finally:
+        interrupts.clear_stop_request()
+    assert len(stepped) == 1  # epoch 2 stopped at its first step
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1]
+    assert not interrupts.stop_requested()

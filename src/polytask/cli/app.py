@@ -20,6 +20,7 @@ from rich.console import Console
 
 from polytask import __version__
 from polytask.errors import PolytaskError
+from polytask.runtime import interrupts
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -54,19 +55,26 @@ def reports_errors(function: F) -> F:
             raise fail(f"{where}{exc.strerror or exc}") from None
         except KeyboardInterrupt:  # a run in its folder says how to resume (RunInterrupted)
             raise fail("interrupted before anything was written", code=130) from None
+        finally:
+            interrupts.clear_stop_request()  # acted on, or the command ended anyway
 
     return wrapper  # type: ignore[return-value]
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    interrupts.request_stop(signum)  # kept even if a finalizer swallows the exception below
     raise KeyboardInterrupt
 
 
 def stop_on_sigterm() -> None:
     """Handle SIGTERM (a scheduler or ``kill`` stopping the job) like Ctrl-C: the run stops
-    cleanly, says where it is and how to resume it."""
+    cleanly, says where it is and how to resume it. Both are recorded as a stop request, so one
+    that lands inside a finalizer (where Python ignores the exception) still stops the loop at
+    its next step (``polytask.runtime.interrupts``)."""
     if threading.current_thread() is threading.main_thread():
+        interrupts.quiet_swallowed_interrupts()
         signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
 
 
 def command(function: F) -> F:

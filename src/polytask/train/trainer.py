@@ -26,6 +26,7 @@ from polytask.errors import CheckpointError
 from polytask.evaluate import TaskMetrics, evaluate
 from polytask.models import MultiTaskModel
 from polytask.runtime import Runtime
+from polytask.runtime.interrupts import raise_if_stop_requested
 from polytask.tasks import TaskSpec
 from polytask.train import checkpoint
 from polytask.train.early_stopping import EarlyStopping
@@ -199,6 +200,7 @@ class Trainer:
         meter = EpochMeter(self.tasks, self.device)
         refresh_every = max(1, len(self.train_batches) // (20 * self.accumulate_steps))
         for group, wait in micro_batches(self.train_batches, self.accumulate_steps):
+            raise_if_stop_requested()  # a SIGTERM a finalizer swallowed stops here
             meter.waited += wait
             meter.add(*self.train_step(group))
             if self.progress and meter.steps % refresh_every == 0:

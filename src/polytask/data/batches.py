@@ -96,6 +96,20 @@ def rank_share(batch: Tensor, rank: int, world_size: int) -> Tensor:
     return batch[rank * share : (rank + 1) * share]
 
 
+def check_batching(batch_size: int, rank: int, world_size: int) -> None:
+    """``DataError`` unless ``batch_size >= 1`` and ``0 <= rank < world_size``."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, found {batch_size}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside 0..{world_size - 1}")
+
+
+def batches_per_epoch(n: int, batch_size: int, world_size: int, drop_last: bool) -> int:
+    """Global batches of ``world_size · batch_size`` samples in an epoch of ``n`` samples."""
+    size = batch_size * world_size
+    return n // size if drop_last else -(-n // size)
+
+
 class BatchLoader:
     """Mini-batches of an in-memory dataset by tensor slicing.
 
@@ -117,10 +131,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, found {batch_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside 0..{world_size - 1}")
+        check_batching(batch_size, rank, world_size)
         self.rank = rank
         self.world_size = world_size
         self.dataset = dataset
@@ -135,8 +146,7 @@ class BatchLoader:
 
     def __len__(self) -> int:
         n = len(self.dataset)
-        size = self.batch_size * self.world_size
-        return n // size if self.drop_last else -(-n // size)
+        return batches_per_epoch(n, self.batch_size, self.world_size, self.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
         n, seed, epoch = len(self.dataset), self.seed, self.epoch

@@ -31,7 +31,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from polytask.data.audio import WaveformScaler, fit_length, read_wav, resample
-from polytask.data.batches import Batch, epoch_order, rank_share, target_tensor
+from polytask.data.batches import (
+    Batch,
+    batches_per_epoch,
+    check_batching,
+    epoch_order,
+    rank_share,
+    target_tensor,
+)
 from polytask.data.bundle import split_rows
 from polytask.data.images import IMAGE_MODES, ChannelNormalizer, load_image
 from polytask.data.sources.modalities import _folder_table
@@ -181,17 +188,13 @@ class EpochBatchSampler(Sampler[list[int]]):
         rank: int,
         world_size: int,
     ) -> None:
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, found {batch_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside 0..{world_size - 1}")
+        check_batching(batch_size, rank, world_size)
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch = 0
 
     def __len__(self) -> int:
-        size = self.batch_size * self.world_size
-        return self.n // size if self.drop_last else -(-self.n // size)
+        return batches_per_epoch(self.n, self.batch_size, self.world_size, self.drop_last)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = epoch_order(self.n, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)

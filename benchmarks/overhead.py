@@ -81,8 +81,11 @@ def hand_loop(x, y, *, batch: int, epochs: int, device: torch.device) -> float:
     return epochs * n / (time.perf_counter() - start)
 
 
-def trainer_loop(x, y, *, batch: int, epochs: int, device: torch.device) -> tuple[float, float]:
-    """Samples/s of polytask's Trainer, and its data-wait fraction."""
+def trainer_loop(
+    x, y, *, batch: int, epochs: int, device: torch.device, cuda_graph: bool = False
+) -> tuple[float, float]:
+    """Samples/s of polytask's Trainer (its step replayed from a CUDA graph with
+    ``cuda_graph``), and its data-wait fraction."""
     model = make_model(x.shape[1], device)
     balancer = build_balancer("equal", TASKS)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -98,6 +101,7 @@ def trainer_loop(x, y, *, batch: int, epochs: int, device: torch.device) -> tupl
         epochs=epochs,
         runtime=Runtime(device),
         progress=False,
+        cuda_graph=cuda_graph,
     )
     sync(device)
     start = time.perf_counter()
@@ -110,20 +114,34 @@ def trainer_loop(x, y, *, batch: int, epochs: int, device: torch.device) -> tupl
 
 def measure(x, y, *, batch: int, args: argparse.Namespace, device: torch.device) -> list[str]:
     """Interleaved repeats of both loops at one batch size: one table row each."""
-    hand_loop(x, y, batch=batch, epochs=1, device=device)  # warm-up both paths
-    trainer_loop(x, y, batch=batch, epochs=1, device=device)
-    hand, ours, waits = [], [], []
-    for _ in range(args.repeats):  # interleaved so drifts in machine load hit both
+    variants = {"polytask Trainer (equal)": False}
+    if device.type == "cuda":
+        variants["polytask Trainer (equal), train.cuda_graph"] = True
+    hand_loop(x, y, batch=batch, epochs=1, device=device)  # warm-up every path
+    for graph in variants.values():
+        trainer_loop(x, y, batch=batch, epochs=1, device=device, cuda_graph=graph)
+    hand: list[float] = []
+    ours: dict[str, list[float]] = {name: [] for name in variants}
+    waits: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):  # interleaved so drifts in machine load hit every loop
         hand.append(hand_loop(x, y, batch=batch, epochs=args.epochs, device=device))
-        speed, wait = trainer_loop(x, y, batch=batch, epochs=args.epochs, device=device)
-        ours.append(speed)
-        waits.append(wait)
-    h, o = statistics.median(hand), statistics.median(ours)
-    return [
-        f"| {batch} | hand-written | {h:,.0f} | {min(hand):,.0f} | {max(hand):,.0f} | 100.0% | — |",
-        f"| {batch} | polytask Trainer (equal) | {o:,.0f} | {min(ours):,.0f} | {max(ours):,.0f} | "
-        f"{100 * o / h:.1f}% | {100 * statistics.median(waits):.2f}% |",
+        for name, graph in variants.items():
+            speed, wait = trainer_loop(
+                x, y, batch=batch, epochs=args.epochs, device=device, cuda_graph=graph
+            )
+            ours[name].append(speed)
+            waits[name].append(wait)
+    h = statistics.median(hand)
+    rows = [
+        f"| {batch} | hand-written | {h:,.0f} | {min(hand):,.0f} | {max(hand):,.0f} | 100.0% | — |"
     ]
+    for name, speeds in ours.items():
+        o = statistics.median(speeds)
+        rows.append(
+            f"| {batch} | {name} | {o:,.0f} | {min(speeds):,.0f} | {max(speeds):,.0f} | "
+            f"{100 * o / h:.1f}% | {100 * statistics.median(waits[name]):.2f}% |"
+        )
+    return rows
 
 
 def main() -> None:

@@ -193,6 +193,11 @@ class TrainConfig(_Strict):
     )
     accumulate_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     compile: bool = Field(False, description="torch.compile the model (falls back if unsupported)")
+    cuda_graph: bool = Field(
+        False,
+        description="capture each training step in a CUDA graph and replay it (one process, "
+        "AdamW, a loss weighting such as equal; docs/scaling.md)",
+    )
     nonfinite: Literal["stop", "skip"] = Field(
         "stop",
         description="a NaN or infinite task loss or gradient ends the run (stop) or its optimizer "

@@ -99,6 +99,9 @@ class Balancer(nn.Module):
     requires_positive_losses: ClassVar[bool] = False
     #: the method honours ``grad_scale`` (mixed-precision loss scaling, gradient accumulation)
     supports_grad_scale: ClassVar[bool] = False
+    #: one step is device work only, with no host state: it can be replayed from a CUDA graph
+    #: (``train.cuda_graph``)
+    captures_in_cuda_graph: ClassVar[bool] = False
 
     def __init__(self, tasks: Sequence[TaskSpec | str]) -> None:
         super().__init__()

@@ -140,6 +140,8 @@ def _trainer(
     if config.train.privacy is not None:
         check_private_config(config)
         private = {"method": config.balancing.method, "privacy": config.train.privacy}
+        if config.train.cuda_graph:
+            raise ConfigError("train.cuda_graph and train.privacy exclude each other")
     batches = train_batches(config, bundle, rank=rank, world_size=world_size)
     optimizer, scheduler = build_optimization(
         config,
@@ -149,6 +151,7 @@ def _trainer(
     )
     es = config.train.early_stopping
     has_val = len(bundle.val) > 0
+    graph: dict[str, Any] = {} if private else {"cuda_graph": config.train.cuda_graph}
     return (PrivateTrainer if private else make_trainer or Trainer)(
         model,
         balancer,
@@ -170,6 +173,7 @@ def _trainer(
         progress=progress,
         accumulate_steps=config.train.accumulate_steps,
         nonfinite=config.train.nonfinite,
+        **graph,
         **private,
     )
 

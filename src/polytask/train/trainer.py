@@ -29,6 +29,7 @@ from polytask.runtime import Runtime
 from polytask.runtime.interrupts import raise_if_stop_requested
 from polytask.tasks import TaskSpec
 from polytask.train import checkpoint
+from polytask.train.cuda_graph import GraphedStep, check_graphable
 from polytask.train.early_stopping import EarlyStopping
 from polytask.train.fit import BatchSource, EpochCallback, FitResult
 from polytask.train.meter import EpochMeter, micro_batches
@@ -58,6 +59,8 @@ class Trainer:
         accumulate_steps: batches (micro-batches) per optimizer step.
         nonfinite: a NaN or infinite task loss or gradient ends the run (``"stop"``) or its
             step is undone (``"skip"``); see ``polytask.train.nonfinite``.
+        cuda_graph: capture the step in a CUDA graph and replay it (see
+            ``polytask.train.cuda_graph``; checked when ``fit`` starts).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class Trainer:
         description: str = "train",
         accumulate_steps: int = 1,
         nonfinite: str = "stop",
+        cuda_graph: bool = False,
     ) -> None:
         self.model, self.balancer, self.tasks = model, balancer, list(tasks)
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -108,6 +112,23 @@ class Trainer:
         self._task_weights = (
             torch.tensor(fixed, device=self.device) if any(w != 1.0 for w in fixed) else None
         )
+        self.nonfinite = nonfinite
+        self.graph = GraphedStep(self._graph_body, optimizer, self._params) if cuda_graph else None
+        if self.graph is not None:
+            self._check_graphable()
+
+    def _check_graphable(self) -> None:
+        check_graphable(
+            device=self.device,
+            world_size=self.runtime.world_size,
+            accumulate_steps=self.accumulate_steps,
+            precision=self.runtime.precision.name,
+            compiled=self.runtime.compile,
+            nonfinite=self.nonfinite,
+            diagnostics=self.diagnostics.every > 0,
+            balancer=self.balancer,
+            optimizer=self.optimizer,
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -117,7 +138,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "balancer": self.balancer.state_dict(),
             "early_stopping": self.early_stopping.state_dict(),
@@ -125,6 +146,10 @@ class Trainer:
             "rng": checkpoint.capture_rng_state(),
             "metadata": self.metadata,
         }
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        state = self.optimizer.state_dict()
+        return self.graph.plain_state(state) if self.graph is not None else state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("format") != checkpoint.CHECKPOINT_FORMAT:
@@ -147,6 +172,8 @@ class Trainer:
         if resume and last is not None:
             self.load_state_dict(checkpoint.load_checkpoint(last))
         self.files.start(resumed_at=self.epoch if resume else None)
+        if self.graph is not None:
+            self._check_graphable()  # again: diagnostics may have been switched on since
         self.model.to(self.device)
         self.balancer.to(self.device)
         history: list[dict[str, Any]] = []
@@ -166,7 +193,7 @@ class Trainer:
                 record = epoch_record(
                     epoch=self.epoch,
                     step=self.step,
-                    lr=self.optimizer.param_groups[0]["lr"],
+                    lr=float(self.optimizer.param_groups[0]["lr"]),
                     seconds=time.perf_counter() - started,
                     train={**train_record, **self.diagnostics.end_epoch()},
                     val=val_metrics,
@@ -195,6 +222,8 @@ class Trainer:
             self._shared[:] = self.model.shared_parameters()
             every = (*self.model.parameters(), *self.balancer.parameters())
             self._params[:] = [p for p in every if p.requires_grad]
+            if self.graph is not None:
+                self.graph.reset()
         self.model.train()
         self.train_batches.set_epoch(self.epoch)
         meter = EpochMeter(self.tasks, self.device)
@@ -232,6 +261,11 @@ class Trainer:
         it writes by ``1/M`` (times the fp16 loss scale): the accumulated, all-reduced gradient is
         the gradient of the mean loss over every labelled sample of the step.
         """
+        if self.graph is not None and len(batches) == 1:
+            (graph_losses, graph_present, graph_weights), grads = self.graph(*batches[0])
+            self.guard.observe(graph_losses, grads, step=self.step + 1)
+            self._count_step()
+            return graph_losses, graph_present, graph_weights
         m = len(batches)
         factor = self.runtime.world_size * m
         total: Tensor | None = None
@@ -251,25 +285,14 @@ class Trainer:
         for i, (x, y) in enumerate(batches):
             # DDP syncs on the last micro-batch only, unless the balancer reduces by itself
             with self.runtime.no_sync(self.balancer.reduces_own_gradients or i < m - 1):
-                out, losses, counts = self._task_losses(x, y)
-                if total is not None:
-                    losses = losses * (counts.to(losses.dtype) * factor / total.clamp_min(1))
-                else:  # one process, one batch: the batch's own counts
-                    present = counts > 0
-                if self._task_weights is not None:
-                    losses = losses * self._task_weights
-                result = self.diagnostics.at(self.step, m).backward(
-                    losses,
-                    shared_params=self._shared if self.balancer.needs_shared_params else None,
-                    features=out.features if self.balancer.needs_features else None,
-                    present=present,
-                    grad_scale=grad_scale,
+                losses, present, result_weights = self._backward(
+                    x, y, total=total, present=present, grad_scale=grad_scale, micro_batches=m
                 )
             if m == 1:
-                logged, weights = losses.detach(), result.weights.to(losses.dtype)
+                logged, weights = losses.detach(), result_weights
             else:
                 logged = logged + losses.detach() / m
-                weights = weights + result.weights.to(losses.dtype) / m
+                weights = weights + result_weights / m
         assert present is not None and isinstance(logged, Tensor) and isinstance(weights, Tensor)
         self.finish_step(snapshot, logged)
         return logged, present, weights
@@ -280,9 +303,55 @@ class Trainer:
         schedule, count the step."""
         self.runtime.clip_gradients(self.optimizer, self._params, self.grad_clip)
         self.guard.optimizer_step(self.optimizer, snapshot, logged, self._params, self.step + 1)
+        self._count_step()
+
+    def _count_step(self) -> None:
+        """Step the schedule (and the graph's device learning rates) and count the step."""
         if self.scheduler is not None:
             self.scheduler.step()
+            if self.graph is not None:
+                self.graph.sync_learning_rates()
         self.step += 1
+
+    def _backward(
+        self,
+        x: Any,
+        y: Mapping[str, Tensor],
+        *,
+        total: Tensor | None,
+        present: Tensor | None,
+        grad_scale: Tensor | float,
+        micro_batches: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward and balanced backward of one micro-batch: (its task losses, as surrogates
+        when ``total`` holds the step's global label counts; the present mask; the weights)."""
+        out, losses, counts = self._task_losses(x, y)
+        if total is not None:
+            factor = self.runtime.world_size * micro_batches
+            losses = losses * (counts.to(losses.dtype) * factor / total.clamp_min(1))
+        else:  # one process, one batch: the batch's own counts
+            present = counts > 0
+        if self._task_weights is not None:
+            losses = losses * self._task_weights
+        result = self.diagnostics.at(self.step, micro_batches).backward(
+            losses,
+            shared_params=self._shared if self.balancer.needs_shared_params else None,
+            features=out.features if self.balancer.needs_features else None,
+            present=present,
+            grad_scale=grad_scale,
+        )
+        assert present is not None
+        return losses, present, result.weights.to(losses.dtype)
+
+    def _graph_body(self, x: Any, y: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """The whole step on one batch, device work only: what ``GraphedStep`` captures."""
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, present, weights = self._backward(
+            x, y, total=None, present=None, grad_scale=1.0, micro_batches=1
+        )
+        self.runtime.clip_gradients(self.optimizer, self._params, self.grad_clip)
+        self.optimizer.step()
+        return losses.detach(), present, weights
 
     def _validate(self) -> TaskMetrics:
         if self.val_batches is None:

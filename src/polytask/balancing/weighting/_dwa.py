@@ -56,6 +56,7 @@ class DynamicWeightAverage(LossWeighting):
     """
 
     requires_positive_losses: ClassVar[bool] = True
+    captures_in_cuda_graph: ClassVar[bool] = True
     steps: Tensor
     windows: Tensor
     window_sum: Tensor

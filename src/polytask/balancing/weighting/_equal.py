@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
 from polytask.balancing.base import BALANCERS, LossWeighting
@@ -18,6 +20,8 @@ class EqualWeighting(LossWeighting):
         >>> float(total), weights.tolist()
         (4.0, [1.0, 1.0])
     """
+
+    captures_in_cuda_graph: ClassVar[bool] = True
 
     def combine(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         weights = present.to(losses.dtype)

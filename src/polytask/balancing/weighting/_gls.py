@@ -36,6 +36,7 @@ class GeometricLossStrategy(LossWeighting):
     """
 
     requires_positive_losses: ClassVar[bool] = True
+    captures_in_cuda_graph: ClassVar[bool] = True
 
     def combine(self, losses: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
         count = present.sum()

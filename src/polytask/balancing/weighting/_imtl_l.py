@@ -34,6 +34,7 @@ class IMTLL(LossWeighting):
     """
 
     requires_positive_losses: ClassVar[bool] = True
+    captures_in_cuda_graph: ClassVar[bool] = True
 
     def __init__(self, tasks: Sequence[TaskSpec | str], *, init_log_scale: float = 0.0) -> None:
         super().__init__(tasks)

@@ -38,6 +38,7 @@ class UncertaintyWeighting(LossWeighting):
     """
 
     requires_positive_losses: ClassVar[bool] = True
+    captures_in_cuda_graph: ClassVar[bool] = True
     factors: Tensor
 
     def __init__(self, tasks: Sequence[TaskSpec | str], *, init_log_var: float = 0.0) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from polytask.data.table import SPLITS, MultiLabelTable
+from polytask.dense_tasks import DENSE_KINDS
 from polytask.errors import ConfigError, DataError
 from polytask.tasks import TASK_KINDS, TaskSpec
 
@@ -304,8 +305,13 @@ def tasks_from_dicts(
             raise ConfigError(f"{where}: defined twice")
         kind = entry.get("kind")
         if kind not in TASK_KINDS:
-            valid = ", ".join(TASK_KINDS)
+            valid = ", ".join(k for k in TASK_KINDS if k not in DENSE_KINDS)
             raise ConfigError(f"{where}: 'kind' must be one of {valid}, found {kind!r}")
+        if kind in DENSE_KINDS:
+            raise ConfigError(
+                f"{where}: kind {kind!r} needs per-pixel targets, which a table column cannot "
+                "hold; read them from a dense folder (datasets nyuv2, cityscapes)"
+            )
         if "column" in entry and "columns" in entry:
             raise ConfigError(f"{where}: give 'column' or 'columns', not both")
         cols = entry["columns"] if "columns" in entry else [entry.get("column", name)]

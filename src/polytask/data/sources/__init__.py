@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 from polytask.data.sources import (
+    celeba,
     dense_folders,
     dense_shapes,
     digits,
@@ -29,6 +30,7 @@ from polytask.data.sources.registry import DATASETS, load_dataset
 
 __all__ = [
     "DATASETS",
+    "celeba",
     "dense_folders",
     "dense_shapes",
     "digits",

@@ -51,11 +51,19 @@ def _methods() -> list[str]:
         if level is not None and level.default == "features":
             continue  # representation-level methods: not supported under DDP
         out.append(name)
-    # DB-MTL's log transform around a loss weighting and two gradient methods
-    return [*out, "log:equal", "log:upgrad", "log:mgda"]
+    # DB-MTL's log transform around a loss weighting and two gradient methods; GradDrop at the
+    # parameter level (its default, the representation level, is refused under DDP)
+    return [*out, "log:equal", "log:upgrad", "log:mgda", *PARAMETER_LEVEL]
+
+
+#: representation-level methods run at ``level: parameters``, which DDP supports
+PARAMETER_LEVEL = ["graddrop@parameters"]
 
 
 def _balancer(method: str):
+    if method in PARAMETER_LEVEL:
+        name, level = method.split("@")
+        return build_balancer(name, TASKS, params={"level": level})
     name = method.removeprefix("log:")
     return build_balancer(name, TASKS, log_losses=name != method)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -12,16 +13,26 @@ from polytask.balancing.base import BALANCERS
 from polytask.balancing.engine import GramianWeightingAggregator, Level
 from polytask.balancing.solvers.conflict_averse import (
     conflict_averse_ascent,
+    conflict_averse_coefficients,
     conflict_averse_simplex,
+    device_solve_dtype,
 )
 from polytask.errors import ConfigError
 from polytask.tasks import TaskSpec
 
 RESCALES = (0, 1, 2)
+SOLVERS = ("auto", "numpy", "torch")
+Solver = Literal["auto", "numpy", "torch"]
 
 
-def cagrad_weights(gramian: Tensor, *, c: float, rescale: int = 1) -> Tensor:
+def cagrad_weights(
+    gramian: Tensor, *, c: float, rescale: int = 1, solver: Solver = "auto"
+) -> Tensor:
     """The CAGrad weights ``1/K + λ w`` (divided by the rescale factor) from the Gramian.
+
+    ``solver``: ``"numpy"`` (float64 on the CPU), ``"torch"`` (``conflict_averse_coefficients``:
+    on the Gramian's device, no host synchronisation) or ``"auto"``: NumPy for a Gramian on the
+    CPU, torch on any other device. Both give the same weights to ~1e-14 in float64.
 
     ``w = argmin_{w ∈ Δ} <g_0, g_w> + √φ ||g_w||`` (``conflict_averse_simplex``), with
     ``φ = c² ||g_0||²``, ``g_0 = mean_i g_i``, ``||g_0||² = mean(G)``, and ``λ = √φ / ||g_w||``.
@@ -37,6 +48,15 @@ def cagrad_weights(gramian: Tensor, *, c: float, rescale: int = 1) -> Tensor:
         tensor([0.5000, 0.5000])
     """
     k = gramian.shape[0]
+    if solver not in SOLVERS:
+        raise ConfigError(f"solver must be one of {SOLVERS}, found {solver!r}")
+    if solver == "torch" or (solver == "auto" and gramian.device.type != "cpu"):
+        dtype = device_solve_dtype(gramian.device)
+        g_device = gramian.detach().to(dtype)
+        center = torch.full((k,), 1.0 / k, dtype=dtype, device=g_device.device)
+        radius_device = c * g_device.mean().clamp_min(0).sqrt()
+        lam_w = conflict_averse_coefficients(g_device, center=center, radius=radius_device)
+        return _rescaled(center + lam_w, c, rescale).to(gramian.dtype)
     g = gramian.detach().to("cpu", torch.float64)
     beta = torch.full((k,), 1.0 / k, dtype=torch.float64)
     radius = c * math.sqrt(max(float(g.mean()), 0.0))
@@ -47,11 +67,16 @@ def cagrad_weights(gramian: Tensor, *, c: float, rescale: int = 1) -> Tensor:
     )
     # exact is None where 0 is in the hull of the gradients: the maximiser is not unique, d = g_0
     weights = beta if exact is None else beta + torch.from_numpy(exact)
+    return _rescaled(weights, c, rescale).to(device=gramian.device, dtype=gramian.dtype)
+
+
+def _rescaled(weights: Tensor, c: float, rescale: int) -> Tensor:
+    """``weights`` divided by ``1 + c²`` (rescale 1), ``1 + c`` (2) or nothing (0)."""
     if rescale == 1:
-        weights = weights / (1.0 + c * c)
-    elif rescale == 2:
-        weights = weights / (1.0 + c)
-    return weights.to(device=gramian.device, dtype=gramian.dtype)
+        return weights / (1.0 + c * c)
+    if rescale == 2:
+        return weights / (1.0 + c)
+    return weights
 
 
 @BALANCERS.register(
@@ -71,9 +96,11 @@ class CAGrad(GramianWeightingAggregator):
     solved through its dual over the simplex, ``w = argmin_{w ∈ Δ} g_wᵀ g_0 + √φ ||g_w||``
     with ``g_w = Σ w_i g_i`` and ``φ = c² ||g_0||²``; then ``d = g_0 + (√φ / ||g_w||) g_w``.
     Everything is a function of the Gramian, so this is a Gramian weighting: the weights are
-    ``1/K + (√φ / ||g_w||) w``. The dual is solved exactly (``conflict_averse_simplex``: a
-    convex one-dimensional search over minimum-norm problems, not the paper's SLSQP), on the
-    CPU in float64 (moves the K×K Gramian to the host).
+    ``1/K + (√φ / ||g_w||) w``. The dual is solved exactly, not by the paper's SLSQP: for a
+    Gramian on the CPU by ``conflict_averse_simplex`` (a convex one-dimensional search over
+    minimum-norm problems, float64 NumPy); on any other device by
+    ``conflict_averse_coefficients`` (a fixed-budget barrier method and the closed form on its
+    face, in torch on the device, float64 — float32 on MPS — with no host synchronisation).
 
     Numerical guarantee: with ``d' = (1 + c²) d`` (``rescale=1``; ``(1 + c) d`` for 2, ``d`` for
     0), ``‖d' − g_0‖ <= c‖g_0‖`` and ``min_i <g_i, d'>`` equals the exact optimum to

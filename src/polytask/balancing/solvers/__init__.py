@@ -10,7 +10,8 @@ tensors (on the Gramian's device, in its floating dtype).
 * ``min_norm_simplex(G)``: the weights ``w`` on the simplex minimising ``wᵀGw`` (MGDA);
 * ``project_onto_dual_cone(G, u)``: ``argmin_{v >= u} vᵀGv`` (UPGrad, DualProj);
 * ``conflict_averse_simplex(G, center=β, radius=s)``: ``argmin_{w ∈ Δ} wᵀGβ + s·√(wᵀGw)``
-  (CAGrad);
+  (CAGrad); its companion ``conflict_averse.conflict_averse_coefficients`` solves CAGrad's dual
+  in torch on the Gramian's device instead, without a host synchronisation (used on GPUs);
 * ``solve_power_bargaining(G, power)``: the positive ``w`` with ``G w = w^{-power}`` (Nash-MTL,
   FairGrad);
 * ``normalize_gramian(G)``: ``G`` divided by its mean diagonal (scale-free solves).

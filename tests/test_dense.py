@@ -329,3 +329,29 @@ def test_dense_mtan_attends_per_task_and_trains(tmp_path) -> None:
     raw["model"]["architecture"] = "dense_mtan"
     result = train_run(parse_config(raw), run_dir=tmp_path / "run")
     assert np.isfinite(result.test["normal"]["mean_angle"])
+
+
+def test_depth_scale_standardises_the_loss_and_decodes_to_the_labels_units() -> None:
+    """Fitted on valid pixels only (holes and NaN left out); the loss is L1 against the
+    standardised depth (the raw L1 divided by std) and ``decode`` gives the labels' units."""
+    from polytask.dense_tasks import depth_target_scale
+
+    rng = np.random.default_rng(4)
+    truth = rng.uniform(1.0, 3.0, (5, 1, 6, 7)).astype(np.float32)
+    truth[rng.random(truth.shape) < 0.2] = 0.0
+    truth[1, 0, 2, 3] = np.nan
+    valid = np.isfinite(truth) & (np.nan_to_num(truth) > 0)
+    mean, std = depth_target_scale(torch.from_numpy(truth), chunk=2)
+    assert float(mean) == pytest.approx(truth[valid].mean(), rel=1e-6)
+    assert float(std) == pytest.approx(truth[valid].std(), rel=1e-5)
+    task = TaskSpec("depth", "depth").with_target_scale(mean, std)
+    prediction = torch.from_numpy(rng.uniform(1.0, 3.0, truth.shape).astype(np.float32))
+    head = (prediction - float(mean)) / float(std)  # what the head outputs for that prediction
+    loss, count = task.compute_loss(head, torch.from_numpy(truth))
+    raw_l1 = np.abs(prediction.numpy() - np.nan_to_num(truth))[valid].mean()
+    assert int(count) == valid.sum()
+    assert float(loss) == pytest.approx(raw_l1 / float(std), rel=1e-5)
+    np.testing.assert_allclose(task.decode(head).numpy(), prediction.numpy(), rtol=1e-5)
+    got = _feed(task, [(head, torch.from_numpy(truth))])  # metrics in the labels' units
+    assert got["abs_err"] == pytest.approx(raw_l1, rel=1e-5)
+    assert TaskSpec.from_dict(task.to_dict()) == task

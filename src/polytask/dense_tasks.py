@@ -72,9 +72,12 @@ def dense_label_mask(kind: str, target: Tensor) -> Tensor:
     return finite & (torch.nan_to_num(target).abs().sum(dim=1) > 0)
 
 
-def dense_loss(kind: str, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+def dense_loss(
+    kind: str, output: Tensor, target: Tensor, scale: tuple[float, float] | None = None
+) -> tuple[Tensor, Tensor]:
     """(mean loss over valid pixels, number of valid pixels), both tensors; exactly 0 with a
-    zero count when no pixel is valid."""
+    zero count when no pixel is valid. With a depth ``scale`` ``(mean, std)`` the head predicts
+    standardised depth: the L1 loss is taken against ``(target − mean) / std``."""
     mask = dense_label_mask(kind, target)
     count = mask.sum()
     if kind == "segmentation":
@@ -82,20 +85,50 @@ def dense_loss(kind: str, output: Tensor, target: Tensor) -> tuple[Tensor, Tenso
         return total / count.clamp_min(1).to(total.dtype), count
     clean = torch.where(torch.isfinite(target), target, torch.zeros_like(target))
     if kind == "depth":
-        per = (output[:, 0] - clean[:, 0]).abs()
+        truth = clean[:, 0] if scale is None else (clean[:, 0] - scale[0]) / scale[1]
+        per = (output[:, 0] - truth).abs()
     else:
         per = 1.0 - F.cosine_similarity(output, clean, dim=1, eps=1e-8)
     per = torch.where(mask, per, torch.zeros_like(per))
     return per.sum() / count.clamp_min(1).to(per.dtype), count
 
 
-def dense_decode(kind: str, output: Tensor) -> Tensor:
-    """Head output → prediction: class probabilities per pixel, depth, or unit normals."""
+def dense_decode(kind: str, output: Tensor, scale: tuple[float, float] | None = None) -> Tensor:
+    """Head output → prediction: class probabilities per pixel, depth (in the targets' units:
+    ``output · std + mean`` with a depth ``scale``), or unit normals."""
     if kind == "segmentation":
         return output.softmax(dim=1)
     if kind == "normals":
         return F.normalize(output, dim=1, eps=1e-8)
+    if scale is not None:
+        return output * scale[1] + scale[0]
     return output
+
+
+def depth_target_scale(target: Tensor, *, chunk: int = 64) -> tuple[Tensor, Tensor]:
+    """(mean, standard deviation) of the valid depths of ``target`` ``[N, 1, H, W]`` as
+    one-element float64 tensors, accumulated ``chunk`` samples at a time (a full NYUv2 split
+    is not copied). No valid pixel: ``(0, 1)``.
+
+    Example:
+        >>> mean, std = depth_target_scale(torch.tensor([[[[1.0, 3.0, 0.0]]]]))  # 0: no depth
+        >>> float(mean), float(std)
+        (2.0, 1.0)
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    squares = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for start in range(0, len(target), chunk):
+        part = target[start : start + chunk]
+        values = part[:, 0][dense_label_mask("depth", part)].double()
+        total += values.sum()
+        squares += (values**2).sum()
+        count += values.numel()
+    if count == 0:
+        return torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    mean = total / count
+    variance = (squares / count - mean**2).clamp_min(0.0)
+    return mean.reshape(1), variance.sqrt().reshape(1)
 
 
 def build_dense_metric(kind: str, name: str, num_classes: int) -> Metric:

@@ -114,8 +114,9 @@ class TaskSpec:
         loss: a name from ``LOSSES`` valid for ``kind``; the kind's default when ``None``.
         metrics: names from ``METRICS[kind]``; the kind's defaults when ``None``.
         weight: a fixed factor on this task's loss (the balancer's weights multiply it).
-        target_mean, target_std: regression targets are standardised with these (fitted on the
-            training split) inside the loss; predictions are returned in the original units.
+        target_mean, target_std: regression and depth targets are standardised with these
+            (fitted on the training split; depth: on its valid pixels) inside the loss;
+            predictions and metrics are in the original units.
         class_weights: per-class loss weights for skewed classes (multiclass: one per class;
             binary: ``(negative, positive)``), e.g. from ``class_balanced_weights``.
     """
@@ -242,6 +243,12 @@ class TaskSpec:
             )
         return cache[key]
 
+    def _dense_scale(self) -> tuple[float, float] | None:
+        """(mean, std) of a depth task's targets as Python floats (no device copy), or None."""
+        if self.kind != "depth" or self.target_mean is None or self.target_std is None:
+            return None
+        return self.target_mean[0], self.target_std[0]
+
     def _class_weights(self, like: Tensor) -> Tensor | None:
         """The class weights as a tensor, cached per device and dtype (no copy per step)."""
         if self.class_weights is None:
@@ -265,7 +272,7 @@ class TaskSpec:
         when nothing is labelled.
         """
         if self.kind in DENSE_KINDS:
-            return dense_loss(self.kind, output, target)
+            return dense_loss(self.kind, output, target, self._dense_scale())
         mask = self.label_mask(target)
         count = mask.sum()
         weights = self._class_weights(output)
@@ -300,7 +307,7 @@ class TaskSpec:
         per class) or values in the targets' original units (regression); per pixel for the
         dense kinds (``polytask.dense_tasks.dense_decode``)."""
         if self.kind in DENSE_KINDS:
-            return dense_decode(self.kind, output)
+            return dense_decode(self.kind, output, self._dense_scale())
         if self.kind == "multiclass":
             return output.softmax(dim=-1)
         if self.kind in ("binary", "multilabel"):

@@ -36,6 +36,7 @@ from polytask.data.preprocess import (
     take_inputs,
 )
 from polytask.data.table import SPLITS, MultiLabelTable
+from polytask.dense_tasks import depth_target_scale
 from polytask.errors import DataError
 from polytask.tasks import TaskSpec
 
@@ -319,8 +320,10 @@ def _stack(pieces: Sequence[Batch]) -> MultiLabelDataset:
 
 
 def _with_target_scale(task: TaskSpec, y: Tensor) -> TaskSpec:
-    """A regression task with the mean and standard deviation of its labelled training targets
-    (other kinds as they are)."""
+    """A regression task with the mean and standard deviation of its labelled training targets,
+    a depth task with those of its valid training pixels (other kinds as they are)."""
+    if task.kind == "depth":
+        return task.with_target_scale(*depth_target_scale(y))
     if task.kind != "regression":
         return task
     y = y.reshape(len(y), -1).double()

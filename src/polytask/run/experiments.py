@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from polytask.config import BalancingConfig, EvaluateConfig, RunConfig, config_to_dict
+from polytask.dense_tasks import DENSE_KINDS
 from polytask.evaluate import TaskMetrics, delta_m, mean_std
 from polytask.io import atomic_path, write_text_atomic
 from polytask.run.folder import RunFolder
@@ -166,8 +167,13 @@ class Comparison:
     seeds: list[int]
 
     def columns(self) -> list[tuple[str, str]]:
-        """(task, metric) pairs shown: each task's first (primary) metric."""
-        return [(t.name, t.metric_names[0]) for t in self.tasks]
+        """(task, metric) pairs shown: each task's first (primary) metric, and every metric of
+        a dense task (the NYUv2 tables of MTAN/LibMTL list them all; Δm% averages them all)."""
+        return [
+            (t.name, metric)
+            for t in self.tasks
+            for metric in (t.metric_names if t.kind in DENSE_KINDS else t.metric_names[:1])
+        ]
 
 
 def method_config(config: RunConfig, method: str, seed: int, folder: Path) -> RunConfig:

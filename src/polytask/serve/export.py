@@ -5,10 +5,12 @@ applies before it.
 The graph standardises numeric features (``standardize``), normalises images
 (``channel_norm``) and scales waveforms (``waveform``) with the run's fitted statistics, runs the
 model, and decodes each task: class probabilities and the label (multiclass), the probability of
-1 (binary, multilabel), values in original units (regression, de-standardised in the graph).
-Every input and output has a dynamic batch dimension. What cannot be a graph operation — the
-categorical vocabularies, the text tokenizer — is written to ``<stem>.preprocess.json``
-(``PREPROCESS_FORMAT``) beside the model, with the input schema and the tasks.
+1 (binary, multilabel), values in original units (regression, de-standardised in the graph);
+per pixel for the dense kinds: class probabilities and the class map (segmentation), depth in
+original units, unit normals. Every input and output has a dynamic batch dimension. What cannot
+be a graph operation — the categorical vocabularies, the text tokenizer — is written to
+``<stem>.preprocess.json`` (``PREPROCESS_FORMAT``) beside the model, with the input schema and
+the tasks.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ class GraphInput:
 
 class ExportGraph(nn.Module):
     """Raw input tensors (positional, in the order of ``inputs``) → each task's decoded
-    prediction (and, for multiclass tasks, the label); what ``export_onnx`` traces.
+    prediction (and, for multiclass and segmentation tasks, the label or label map); what
+    ``export_onnx`` traces.
 
     A ``<block>_present`` input holds 1 (present), 0 (missing) or -1 (unknown: the model's own
     rule decides, a block of all zeros being missing)."""
@@ -110,7 +113,7 @@ class ExportGraph(nn.Module):
         names = []
         for task in self.tasks:
             names.append(task.name)
-            if task.kind == "multiclass":
+            if task.kind in ("multiclass", "segmentation"):
                 names.append(f"{task.name}.label")
         return names
 
@@ -137,6 +140,8 @@ class ExportGraph(nn.Module):
             decoded.append(value)
             if task.kind == "multiclass":
                 decoded.append(value.argmax(dim=-1))
+            elif task.kind == "segmentation":  # the class of each pixel
+                decoded.append(value.argmax(dim=1))
         return tuple(decoded)
 
 
@@ -483,8 +488,10 @@ def _strip_debug_info(path: Path) -> int:
 def _task_entry(task: TaskSpec) -> dict[str, Any]:
     """A task of the preprocessing JSON: kind, classes, graph output, prediction columns."""
     classes: list[int] | None
-    if task.kind == "multiclass":
+    if task.kind in ("multiclass", "segmentation"):
         columns, classes = [task.name], list(range(task.num_classes))
+    elif task.kind in ("depth", "normals"):  # one map per row (``onnx_runtime.dense_column``)
+        columns, classes = [task.name], None
     elif task.kind == "binary":
         columns, classes = [task.name], [0, 1]
     else:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from polytask.serve.engines import EngineOutput
-from polytask.serve.onnx_runtime import InputColumn, OnnxPredictor
+from polytask.serve.onnx_runtime import InputColumn, OnnxPredictor, task_columns
 from polytask.serve.schema import InputField, OutputTask
 
 
@@ -46,7 +46,7 @@ class OnnxEngine:
                 t.kind,
                 t.num_classes,
                 tuple(t.columns),
-                tuple(t.classes or ()) if t.kind == "multiclass" else (),
+                tuple(t.classes or ()) if t.kind in ("multiclass", "segmentation") else (),
             )
             for t in self.predictor.tasks
         ]
@@ -58,12 +58,7 @@ class OnnxEngine:
         predictions: dict[str, np.ndarray] = {}
         probabilities: dict[str, np.ndarray] = {}
         for task in self.predictor.tasks:
-            values = outputs[task.output]
+            predictions.update(task_columns(task, outputs))
             if task.kind == "multiclass":
-                predictions[task.name] = outputs[f"{task.output}.label"]
-                probabilities[task.name] = values
-            elif values.ndim == 1:
-                predictions[task.name] = values
-            else:
-                predictions.update({c: values[:, i] for i, c in enumerate(task.columns)})
+                probabilities[task.name] = outputs[task.output]
         return EngineOutput(predictions, probabilities)

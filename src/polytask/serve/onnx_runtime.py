@@ -82,6 +82,42 @@ class InputColumn:
         }
 
 
+#: the per-pixel task kinds (``polytask.dense_tasks.DENSE_KINDS``; this module does not import
+#: torch, so it names them itself)
+DENSE_KINDS: tuple[str, ...] = ("segmentation", "depth", "normals")
+#: the kinds whose prediction is a value, not probabilities
+VALUE_KINDS: tuple[str, ...] = ("regression", "depth", "normals")
+
+
+def dense_column(kind: str, values: np.ndarray) -> np.ndarray:
+    """A dense task's one prediction column from its decoded maps: the class of each pixel
+    ``[rows, height, width]`` (segmentation, from probabilities ``[rows, classes, height,
+    width]``), the depth ``[rows, height, width]`` or the unit normals ``[rows, 3, height,
+    width]``.
+
+    Example:
+        >>> dense_column("depth", np.ones((2, 1, 4, 5))).shape
+        (2, 4, 5)
+    """
+    if kind == "segmentation":
+        return values.argmax(axis=1)
+    if kind == "depth":
+        return values[:, 0]
+    return values
+
+
+def task_columns(task: TaskInfo, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One task's prediction columns from the graph's outputs (``OnnxPredictor.run``)."""
+    values = outputs[task.output]
+    if task.kind in ("multiclass", "segmentation"):  # the graph's own argmax
+        return {task.name: outputs[f"{task.output}.label"]}
+    if task.kind in DENSE_KINDS:
+        return {task.name: dense_column(task.kind, values)}
+    if values.ndim == 1:
+        return {task.name: values}
+    return {column: values[:, i] for i, column in enumerate(task.columns)}
+
+
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -166,28 +202,22 @@ class OnnxPredictor:
     def predict(self, columns: Mapping[str, Sequence[Any] | np.ndarray]) -> dict[str, np.ndarray]:
         """One column per task, as ``polytask predict`` writes them: the class index
         (multiclass), the probability of 1 (binary), ``task_i`` per label (multilabel) or per
-        output (regression with several outputs), values in the targets' original units."""
+        output (regression with several outputs), values in the targets' original units; a
+        map per row for the dense kinds (``dense_column``)."""
         outputs = self.run(columns)
         predictions: dict[str, np.ndarray] = {}
         for task in self.tasks:
-            if task.kind == "multiclass":
-                predictions[task.name] = outputs[f"{task.output}.label"]
-                continue
-            values = outputs[task.output]
-            if values.ndim == 1:
-                predictions[task.name] = values
-            else:
-                for i, column in enumerate(task.columns):
-                    predictions[column] = values[:, i]
+            predictions.update(task_columns(task, outputs))
         return predictions
 
     def probabilities(
         self, columns: Mapping[str, Sequence[Any] | np.ndarray]
     ) -> dict[str, np.ndarray]:
         """Per classification task, the probabilities: ``[rows, classes]`` (multiclass),
-        ``[rows]`` of the positive class (binary), ``[rows, labels]`` (multilabel)."""
+        ``[rows]`` of the positive class (binary), ``[rows, labels]`` (multilabel),
+        ``[rows, classes, height, width]`` (segmentation)."""
         outputs = self.run(columns)
-        return {t.name: outputs[t.output] for t in self.tasks if t.kind != "regression"}
+        return {t.name: outputs[t.output] for t in self.tasks if t.kind not in VALUE_KINDS}
 
     # ------------------------------------------------------------------ preprocessing
     def feeds(self, columns: Mapping[str, Sequence[Any] | np.ndarray]) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ from polytask.errors import DataError
 from polytask.evaluate.inference import decoded_predictions
 from polytask.models import MultiTaskModel
 from polytask.run.folder import TrainedModel, load_trained
+from polytask.serve.onnx_runtime import DENSE_KINDS, dense_column
 from polytask.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -32,7 +33,9 @@ def predict_arrays(
 ) -> dict[str, np.ndarray]:
     """Predictions per output column: the class (multiclass), the probability of 1 (binary),
     one probability column per label (multilabel, ``task_i``), the value in original units
-    (regression; ``task_i`` per output when there are several)."""
+    (regression; ``task_i`` per output when there are several); for a dense task one column
+    of maps: the class per pixel ``[rows, H, W]``, the depth ``[rows, H, W]`` in original
+    units, or the unit normals ``[rows, 3, H, W]``."""
     decoded = decoded_predictions(model, inputs, tasks, batch_size=batch_size, device=device)
     return prediction_columns({name: values.numpy() for name, values in decoded.items()}, tasks)
 
@@ -41,11 +44,14 @@ def prediction_columns(
     decoded: Mapping[str, np.ndarray], tasks: Sequence[TaskSpec]
 ) -> dict[str, np.ndarray]:
     """``predict_arrays``'s columns from each task's decoded predictions (``TaskSpec.decode``:
-    class probabilities, probabilities of 1, values in original units)."""
+    class probabilities, probabilities of 1, values in original units; per-pixel maps for the
+    dense kinds, one column each: ``onnx_runtime.dense_column``)."""
     columns: dict[str, np.ndarray] = {}
     for task in tasks:
         values = decoded[task.name]
-        if task.kind == "multiclass":
+        if task.kind in DENSE_KINDS:
+            columns[task.name] = dense_column(task.kind, values)
+        elif task.kind == "multiclass":
             columns[task.name] = values.argmax(axis=-1)
         elif values.ndim == 1:
             columns[task.name] = values
@@ -170,13 +176,35 @@ def predict_file(
             "prediction column; rename them in the input"
         )
     table = pd.concat(
-        [frame[keep].reset_index(drop=True), pd.DataFrame(columns)], axis=1, copy=False
+        [frame[keep].reset_index(drop=True), *_flat_frames(columns)], axis=1, copy=False
     )
     try:
         write_frame(table, output_path)
     except OSError as exc:
         raise DataError(f"{output_path}: cannot write the predictions ({_reason(exc)})") from exc
     return len(table)
+
+
+def _flat_frames(columns: Mapping[str, np.ndarray]) -> list[pd.DataFrame]:
+    """``predict_arrays``' columns as tables: a column per value, and a dense task's map per row
+    flattened in row-major order to ``task_0`` … ``task_{n-1}`` (``[H, W]``, or ``[3, H, W]``
+    for normals), as image inputs are given flattened."""
+    import pandas as pd
+
+    frames: list[pd.DataFrame] = []
+    plain: dict[str, np.ndarray] = {}  # consecutive value columns, one table
+    for name, values in columns.items():
+        if values.ndim == 1:
+            plain[name] = values
+            continue
+        if plain:
+            frames.append(pd.DataFrame(plain))
+            plain = {}
+        flat = values.reshape(len(values), -1)
+        frames.append(pd.DataFrame(flat, columns=[f"{name}_{i}" for i in range(flat.shape[1])]))
+    if plain:
+        frames.append(pd.DataFrame(plain))
+    return frames
 
 
 def _reason(exc: OSError) -> str:

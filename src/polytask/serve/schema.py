@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, c
 
 from polytask.data.files import FLOAT32_MAX
 from polytask.errors import DataError
-from polytask.serve.onnx_runtime import PRESENT_SUFFIX
+from polytask.serve.onnx_runtime import DENSE_KINDS, PRESENT_SUFFIX
 
 FieldKind = Literal["number", "category", "text", "tensor"]
 
@@ -75,7 +75,7 @@ class OutputTask:
             "kind": self.kind,
             "columns": list(self.columns),
         }
-        if self.kind == "multiclass":
+        if self.kind in ("multiclass", "segmentation"):
             entry["classes"] = list(self.classes)
         return entry
 
@@ -83,9 +83,9 @@ class OutputTask:
 def output_task(name: str, kind: str, num_classes: int) -> OutputTask:
     """A task's response columns, named as ``polytask predict`` names them: the task name, or
     ``task_i`` per output for multilabel and multi-output regression tasks."""
-    many = kind != "multiclass" and num_classes > 1
+    many = kind not in ("multiclass", *DENSE_KINDS) and num_classes > 1
     columns = tuple(f"{name}_{i}" for i in range(num_classes)) if many else (name,)
-    classes = tuple(range(num_classes)) if kind == "multiclass" else ()
+    classes = tuple(range(num_classes)) if kind in ("multiclass", "segmentation") else ()
     return OutputTask(name, kind, num_classes, columns, classes)
 
 
@@ -211,12 +211,17 @@ def response_model(tasks: Sequence[OutputTask]) -> type[BaseModel]:
     columns: dict[str, Any] = {}
     probabilities: dict[str, Any] = {}
     for task in tasks:
-        kind: Any = int if task.kind == "multiclass" else float
+        kind: Any = {"multiclass": int, "segmentation": list[list[int]]}.get(task.kind, float)
+        if task.kind in ("depth", "normals"):
+            kind = list[list[float | None]] if task.kind == "depth" else list[list[list[float]]]
         description = {
             "multiclass": "the most probable class",
             "binary": "the probability of 1",
             "multilabel": "the probability of the label",
             "regression": "the value, in the units of the training labels",
+            "segmentation": "the most probable class of each pixel, [height][width]",
+            "depth": "the depth of each pixel, [height][width], in the training labels' units",
+            "normals": "the unit surface normal of each pixel, [3][height][width]",
         }.get(task.kind, task.kind)
         for column in task.columns:
             columns[attribute(len(columns))] = (

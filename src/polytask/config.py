@@ -44,6 +44,23 @@ class SamplerConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="the sampler's parameters")
 
 
+class StreamingConfig(_Strict):
+    """Read the data batch by batch while training instead of loading it (docs/streaming.md)."""
+
+    workers: int = Field(
+        2, ge=0, description="DataLoader worker processes reading batches (0: the training process)"
+    )
+    prefetch: int = Field(2, ge=1, description="batches each worker reads ahead")
+    cache_dir: str | None = Field(
+        None,
+        description="where a streamed CSV/Parquet file's memory-mapped feature copy is written "
+        "(default: the system's temporary folder); removed when the run ends",
+    )
+    chunk_rows: int = Field(
+        50_000, ge=1, description="rows of a CSV/Parquet file read at a time into that copy"
+    )
+
+
 class DataConfig(_Strict):
     """Which dataset, how it is split and batched."""
 
@@ -77,6 +94,11 @@ class DataConfig(_Strict):
         "mixed", description="each batch from one dataset, or each sample drawn on its own"
     )
     epoch: str = Field("sum", description="'steps:N', 'largest', 'smallest' or 'sum'")
+    streaming: StreamingConfig | None = Field(
+        None,
+        description="stream image/audio/dense folders and CSV/Parquet files through worker "
+        "processes, for data bigger than memory (null: load the dataset in memory)",
+    )
 
 
 class TransferConfig(_Strict):

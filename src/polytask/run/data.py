@@ -19,8 +19,10 @@ from polytask.data.bundle import DataBundle, NamedTable, build_bundle
 from polytask.data.mixing import MultiTaskMixer, mixer_from_bundle
 from polytask.data.poisson import PoissonBatches
 from polytask.data.sources import load_dataset
+from polytask.data.streaming import StreamedSplit, StreamingBatches
 from polytask.data.table import select_tasks
 from polytask.errors import ConfigError, unknown_name
+from polytask.run.streamed import streamed_batches, streamed_data
 from polytask.tasks import class_balanced_weights
 
 
@@ -70,7 +72,12 @@ def dataset_tables(
 
 def build_data(config: RunConfig) -> DataBundle:
     """The run's dataset(s), restricted to ``data.tasks`` when given, split and standardised,
-    with the task options of ``data.task_weights`` and ``data.class_balance`` applied."""
+    with the task options of ``data.task_weights`` and ``data.class_balance`` applied. With
+    ``data.streaming``, splits read batch by batch (``polytask.run.streamed``)."""
+    if config.data.streaming is not None:
+        streamed = streamed_data(config)
+        apply_task_options(streamed, config)
+        return streamed
     tables, weights = dataset_tables(
         dataset_entries(config), seed=config.seed, tasks=config.data.tasks
     )
@@ -122,7 +129,7 @@ def apply_task_options(bundle: DataBundle, config: RunConfig) -> None:
 
 def move_to_device(bundle: DataBundle, config: RunConfig, device: torch.device) -> None:
     """With ``data.on_device``, keep the in-memory splits on the training device."""
-    if config.data.on_device and device.type != "cpu":
+    if config.data.on_device and device.type != "cpu" and config.data.streaming is None:
         bundle.train, bundle.val, bundle.test = (
             bundle.train.to(device),
             bundle.val.to(device),
@@ -132,12 +139,18 @@ def move_to_device(bundle: DataBundle, config: RunConfig, device: torch.device) 
 
 def train_batches(
     config: RunConfig, bundle: DataBundle, *, rank: int, world_size: int
-) -> BatchLoader | MultiTaskMixer | PoissonBatches:
+) -> BatchLoader | MultiTaskMixer | PoissonBatches | StreamingBatches:
     """The training batch source. ``data.dataset``: shuffled batches of the training split
     (``BatchLoader``); ``data.datasets``: batches drawn by the configured sampler from each
     table's training rows (``MultiTaskMixer``); with ``train.privacy``, Poisson-sampled records
-    of expected global size ``batch_size × world_size`` (``PoissonBatches``). Under data
-    parallelism, this process's share."""
+    of expected global size ``batch_size × world_size`` (``PoissonBatches``); with
+    ``data.streaming``, batches read by worker processes. Under data parallelism, this
+    process's share."""
+    if isinstance(bundle.train, StreamedSplit):
+        return streamed_batches(
+            config, bundle.train, config.data.batch_size, shuffle=True, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
     if config.train.privacy is not None:
         return PoissonBatches(
             bundle.train,
@@ -171,8 +184,12 @@ def train_batches(
 
 def eval_batches(
     config: RunConfig, bundle: DataBundle, split: str, *, rank: int = 0, world_size: int = 1
-) -> BatchLoader:
+) -> BatchLoader | StreamingBatches:
     """Batches of one split in order; under data parallelism, this process's share."""
-    return BatchLoader(
-        getattr(bundle, split), config.data.eval_batch_size, rank=rank, world_size=world_size
-    )
+    dataset = getattr(bundle, split)
+    if isinstance(dataset, StreamedSplit):
+        return streamed_batches(
+            config, dataset, config.data.eval_batch_size, shuffle=False, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
+    return BatchLoader(dataset, config.data.eval_batch_size, rank=rank, world_size=world_size)

@@ -55,6 +55,11 @@ RESUMABLE_FIELDS = (
     "schedule.",
     "evaluate.",
     "data.eval_batch_size",
+    # how streamed data is read, not what is read (turning streaming on or off is refused)
+    "data.streaming.workers",
+    "data.streaming.prefetch",
+    "data.streaming.cache_dir",
+    "data.streaming.chunk_rows",
 )
 
 

@@ -341,3 +341,15 @@ def test_cityscapes_streams_the_in_memory_scenes_and_names_a_bad_label_file(
     streamed = build_data(parse_config(_streaming(raw)))
     with pytest.raises(DataError, match=r"val/label_7/0\.npy: class above 6"):
         streamed.test.take(torch.arange(1))
+
+
+def test_report_of_a_streamed_dense_run(folders: dict[str, Path], tmp_path: Path) -> None:
+    """The label maps of a streamed dense split are not in memory: the report's data section
+    says so instead of failing."""
+    raw = _streaming(_config("nyuv2", folders, tmp_path))
+    raw["train"]["epochs"] = 1
+    train_run(parse_config(raw), run_dir=tmp_path / "streamed")
+    result = _cli("report", tmp_path / "streamed")
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "streamed" / "report.html").read_text()
+    assert "streamed: not counted" in page

@@ -207,6 +207,10 @@ def _data_section(evidence: RunEvidence) -> str:
     rows = []
     for task in bundle.tasks:
         cells: list[Any] = [task.name, task.kind]
+        if any(task.name not in data.targets for data in splits.values()):
+            # a streamed dense split keeps its label maps on disk
+            rows.append([*cells, *["streamed: not counted"] * (2 * len(splits) + 1)])
+            continue
         for data in splits.values():
             y = data.targets[task.name]
             mask = task.label_mask(y).reshape(len(y), -1).all(dim=1) if len(y) else y.bool()

@@ -19,35 +19,26 @@ import warnings
 from pathlib import Path
 
 import torch
+from overhead import TASKS
+from overhead import make_data as overhead_data
 
 from polytask.balancing import build_balancer
 from polytask.data.batches import BatchLoader, MultiLabelDataset
 from polytask.io import write_text_atomic
 from polytask.models import build_model
 from polytask.runtime import Runtime
-from polytask.tasks import TaskSpec
 from polytask.train.checkpoint import load_checkpoint, save_checkpoint
 from polytask.train.optim import build_optimizer, build_scheduler
 from polytask.train.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results"
-TASKS = [
-    TaskSpec("reg", "regression"),
-    TaskSpec("cls", "multiclass", num_classes=10),
-    TaskSpec("bin", "binary"),
-]
 METHODS = ("equal", "uncertainty", "dwa", "gls", "imtl_l")
 
 
 def make_data(n: int, d: int, device: torch.device):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, d, generator=g)
-    y = {
-        "reg": x[:, 0] + 0.1 * torch.randn(n, generator=g),
-        "cls": (x[:, 1] * 3).long().clamp(-5, 4) + 5,
-        "bin": (x[:, 2] > 0).float(),
-    }
-    y["cls"][::7] = -1  # missing labels: the masks matter
+    """``benchmarks/overhead.py``'s data, with missing labels in two tasks (the masks matter)."""
+    x, y = overhead_data(n, d, torch.device("cpu"))
+    y["cls"][::7] = -1
     y["bin"][::5] = float("nan")
     return x.to(device), {k: v.to(device) for k, v in y.items()}
 

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import polytask.train.checkpoint
+from cli_checks import one_error_line as _one_error_line
 from polytask.cli import app
 from polytask.train.checkpoint import load_checkpoint
 
@@ -19,14 +20,6 @@ runner = CliRunner()
 
 def run(*args: object) -> Any:
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _one_error_line(result: Any) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 def test_a_full_disk_while_training_is_one_line_and_the_run_resumes(

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
+from cli_checks import one_error_line as _one_error_line
 from polytask.cli import app
 from polytask.run import RunFolder
 
@@ -18,15 +19,6 @@ runner = CliRunner()
 
 def run(*args: object):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _one_error_line(result) -> str:
-    """The one ``error:`` line of a failed command (no traceback)."""
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 def test_train_progress_false_in_yaml_is_honoured_and_the_flags_override_it(

@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 from typer.testing import CliRunner
 
+from cli_checks import one_error_line as _one_error_line
 from polytask.cli import app
 from polytask.train.checkpoint import read_checkpoint_metadata
 
@@ -23,14 +24,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "runs-5eec728"
 
 def run(*args: object) -> Any:
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _one_error_line(result: Any) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 def _csv_run(tmp_path: Path, tiny_raw: dict[str, Any], epochs: int = 1) -> tuple[Path, Path]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cli_checks import one_error_line as _one_error_line
 from polytask.balancing import build_balancer
 from polytask.cli import app
 from polytask.data.batches import BatchLoader, MultiLabelDataset
@@ -176,14 +177,6 @@ def test_nan_is_never_an_improvement() -> None:
     assert stop.update(math.nan, 3) is False
     assert stop.update(math.inf, 4) is False
     assert (stop.best, stop.best_epoch, stop.bad_epochs) == (0.5, 2, 2)
-
-
-def _one_error_line(result: Any) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 def test_a_diverging_run_exits_1_with_one_line(tiny_yaml: Path, tmp_path: Path) -> None:

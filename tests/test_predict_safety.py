@@ -11,6 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from cli_checks import one_error_line as _one_error_line
 from polytask.cli import app
 
 runner = CliRunner()
@@ -19,14 +20,6 @@ FEATURES = [f"x{i}" for i in range(16)]
 
 def run(*args: object) -> Any:
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _one_error_line(result: Any) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

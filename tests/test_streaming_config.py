@@ -26,6 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from cli_checks import one_error_line as _one_error_line
 from polytask.cli import app
 from polytask.config import parse_config
 from polytask.data.audio import tone, write_wav
@@ -263,14 +264,6 @@ def test_two_gloo_processes_streaming_train_what_one_process_with_twice_the_batc
 
 def _cli(*args: object) -> Any:
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _one_error_line(result: Any) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    return errors[0]
 
 
 def test_polytask_train_streams_from_the_yaml(folders: dict[str, Path], tmp_path: Path) -> None:

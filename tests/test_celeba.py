@@ -8,13 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from polytask.cli import app
+from polytask.config import parse_config
 from polytask.data.sources import DATASETS, load_dataset
 from polytask.errors import ConfigError, DataError
+from polytask.run import train_run
 
 #: the 40 attributes of list_attr_celeba.txt, in the file's order
 ATTRIBUTES = [
@@ -247,6 +251,35 @@ def test_trains_end_to_end_from_the_cli(celeba_folder, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["train", str(path), "--no-progress"])
     assert result.exit_code == 1
     assert "error:" in result.output and "expected 162,770" in result.output
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_streamed_celeba_trains_what_the_in_memory_one_trains(
+    celeba_folder, tmp_path: Path, normalize: bool
+) -> None:
+    """``data.streaming`` reads the same rows, labels, split and channel statistics (or, with
+    ``normalize: false``, the same per-pixel standardisation): the weights end equal."""
+    root, _ = celeba_folder
+    params = {"path": str(root), "size": [16, 16], "check_counts": False, "normalize": normalize}
+    raw = {
+        "name": "celeba-stream",
+        "data": {"dataset": "celeba", "params": params, "batch_size": 8},
+        "model": {"encoder": "cnn", "encoder_params": {"channels": [4], "out_features": 8}},
+        "train": {"epochs": 2, "progress": False},
+    }
+    memory = train_run(parse_config(raw), run_dir=tmp_path / "memory")
+    raw["data"]["streaming"] = {"workers": 0}
+    streamed = train_run(parse_config(raw), run_dir=tmp_path / "streamed")
+    a, b = (
+        load_file(str(tmp_path / r / "checkpoints" / "last.safetensors"))
+        for r in ("memory", "streamed")
+    )
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert streamed.test == memory.test
+    saved = json.loads((tmp_path / "streamed" / "run.json").read_text())
+    assert saved["data"]["streaming"] is True
 
 
 # ----------------------------------------------------------------------------- table columns

@@ -288,7 +288,7 @@ def test_what_cannot_stream_is_one_error_line(
 ) -> None:
     line = _one_error_line(_cli("train", tiny_yaml, "data.streaming.workers=0"))
     assert "data.streaming: dataset 'mmoe-synthetic' cannot be streamed" in line
-    assert "streamable: audio-folder, cityscapes, file, image-folder, nyuv2" in line
+    assert "streamable: audio-folder, celeba, cityscapes, file, image-folder, nyuv2" in line
     raw = _streaming(_config("audio", folders, tmp_path))
     del raw["data"]["params"]["seconds"]
     path = tmp_path / "audio.yaml"

@@ -6,6 +6,7 @@ data fingerprint as the in-memory path, but the splits are ``StreamedSplit``s th
 rows when a batch is drawn:
 
 * ``image-folder``, ``audio-folder``: the files of a labels CSV (``ImageFiles``, ``AudioFiles``);
+* ``celeba``: the official image folder's files (``ImageFiles``), labels from its attribute file;
 * ``nyuv2``, ``cityscapes``: one ``.npy`` file per scene and array, memory-mapped when read
   (``DenseScenes``); the label maps are read with the images, never held;
 * ``file``: a CSV or Parquet file read once in chunks (CSV) or record batches (Parquet) into a
@@ -44,7 +45,9 @@ from polytask.data.files import (
     table_from_frame,
     tasks_from_dicts,
 )
+from polytask.data.images import ChannelNormalizer
 from polytask.data.preprocess import Inputs, Preprocessor, Standardizer, input_spec
+from polytask.data.sources.celeba import check_size, select_celeba
 from polytask.data.sources.common import check_fraction
 from polytask.data.sources.dense_folders import (
     CHANNELS,
@@ -58,6 +61,7 @@ from polytask.data.sources.dense_folders import (
     read_array,
 )
 from polytask.data.streaming import (
+    ImageFiles,
     StreamedSplit,
     fit_on_train,
     stream_audio_folder,
@@ -198,6 +202,30 @@ def _audio_folder(
     )  # fmt: skip
     fingerprint = file_fingerprint(Path(path) / labels)
     return StreamedSource(specs, dict(splits), fingerprint, str(Path(path)))
+
+
+@_streamed("celeba")
+def _celeba(
+    options: StreamOptions, *, path: str, size: Sequence[int] = (64, 64),
+    attributes: list[str] | None = None, limit: int | float | None = None,
+    normalize: bool = True, check_counts: bool = True,
+) -> StreamedSource:  # fmt: skip
+    """CelebA as ``celeba`` reads it in memory (the same rows, tasks, labels, official split and
+    channel statistics), each batch's images decoded when it is drawn."""
+    shape = check_size(size)
+    chosen = select_celeba(path, attributes=attributes, limit=limit, check_counts=check_counts)
+    index = chosen.index
+    targets = {t.name: target_tensor(t, chosen.labels[t.name]) for t in chosen.tasks}
+    split = index.split[chosen.rows]
+    splits: dict[str, StreamedSplit] = {
+        name: ImageFiles(index.folder, index.files, chosen.rows[split == code], targets,
+                         size=shape, mode="RGB")
+        for code, name in enumerate(SPLITS)
+    }  # fmt: skip
+    if normalize or options.standardize:
+        chosen_norm = ChannelNormalizer() if normalize else Standardizer()
+        fit_on_train(splits, {"": chosen_norm}, workers=options.workers)
+    return StreamedSource(chosen.tasks, splits, None, f"celeba ({Path(path).expanduser()})")
 
 
 # ----------------------------------------------------------------------------- dense folders

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,17 @@ def test_plot_curves_writes_a_png(tmp_path: Path, n_tasks: int) -> None:
     plot_curves(records, path, title=f"{n_tasks} tasks")
     assert path.read_bytes().startswith(PNG_MAGIC)
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_plot_curves_of_40_tasks_lays_out_without_a_warning(tmp_path: Path) -> None:
+    """CelebA's 40 attributes: the weights panel's 40 lines get no legend (it would not fit,
+    and matplotlib warned that the layout failed)."""
+    tasks = [f"attribute_{i}" for i in range(40)]
+    records = [_record(epoch, tasks, val=True) for epoch in range(1, 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_curves(records, tmp_path / "curves.png", title="40 tasks")
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_plot_curves_tolerates_sparse_records(tmp_path: Path) -> None:

@@ -244,12 +244,19 @@ def _collect(
     return list(tasks), losses, metrics, weights, seen
 
 
+#: panels with more lines than this (e.g. the weights of 40 tasks) get no legend
+MAX_LEGEND_LINES = 12
+
+
 def _draw(ax: Any, series: _Series | None, ylabel: str) -> None:
     """Plot every line of ``series`` on ``ax`` (a note when there is nothing)."""
     lines = series.items() if series is not None else []
     for name, xs, ys in lines:
         ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=name)
-    if lines:
+    if len(lines) > MAX_LEGEND_LINES:  # a legend that tall would not fit the panel
+        ax.text(0.01, 0.99, f"{len(lines)} lines", va="top", fontsize="small",
+                transform=ax.transAxes)  # fmt: skip
+    elif lines:
         ax.legend(fontsize="small")
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)

@@ -20,6 +20,7 @@ from polytask.errors import ConfigError
 from polytask.models import MultiTaskModel, build_model
 from polytask.run.single import train_run
 from polytask.tasks import TaskSpec
+from processes import free_port
 
 TASKS = [TaskSpec("a", "regression"), TaskSpec("b", "binary"), TaskSpec("c", "regression")]
 
@@ -289,13 +290,9 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_two_processes_record_the_global_step(tmp_path: Path) -> None:
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     # fork: the workers inherit the imported modules instead of importing torch again
     mp.start_processes(
         _ddp_worker, args=(port, str(tmp_path / "out")), nprocs=2, start_method="fork"

@@ -4,7 +4,6 @@ process with batch 2B, for every registered balancing method (missing labels inc
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from polytask.runtime import DistributedContext, Runtime
 from polytask.tasks import TaskSpec
 from polytask.train.checkpoint import load_checkpoint, save_checkpoint
 from polytask.train.trainer import Trainer
+from processes import free_port as _free_port
 
 TASKS = [
     TaskSpec("r", "regression"),
@@ -112,12 +112,6 @@ def _worker(rank: int, port: int, out: str, methods: list[str]) -> None:
     if rank == 0:
         save_checkpoint(Path(out), results)
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ import copy
 import json
 import math
 import os
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from scipy.stats import chisquare
 
 from polytask.config import parse_config
@@ -37,6 +34,7 @@ from polytask.evaluate import evaluate
 from polytask.models import build_model
 from polytask.run import evaluate_run, resume_run, train_run, train_with_baselines
 from polytask.tasks import TaskSpec
+from processes import free_port, run_processes
 
 SIZES = [400, 40, 4]
 TASKS = [
@@ -500,16 +498,7 @@ def test_two_processes_draw_what_one_process_draws(tmp_path: Path) -> None:
     assert all(m.update_called for m in metrics.values())
     raw = _two_datasets(tmp_path, batch_size=32)
     raw["train"]["epochs"] = 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    context = mp.spawn(_ddp_worker, args=(port, raw, str(tmp_path / "ddp")), nprocs=2, join=False)
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process run did not finish in 300 s: a collective hangs")
+    run_processes(_ddp_worker, (free_port(), raw, str(tmp_path / "ddp")))
     raw["data"]["batch_size"] = 64
     train_run(parse_config(raw), run_dir=tmp_path / "one")
     ddp, one = _records(tmp_path / "ddp"), _records(tmp_path / "one")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from polytask.run.single import resume_run, train_run
 from polytask.runtime import DistributedContext, Runtime
 from polytask.tasks import TaskSpec
 from polytask.train.checkpoint import load_checkpoint, save_checkpoint
+from processes import free_port
 
 TASKS = [
     TaskSpec("r", "regression"),
@@ -339,9 +339,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def test_two_processes_add_the_noise_once_and_equal_one_process(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     out = tmp_path / "ddp.safetensors"
     single = _private_steps(None)  # first: the forked children inherit its warmed-up state
     # fork: the children inherit the imported modules (spawn would import torch and polytask again)

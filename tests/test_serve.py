@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from polytask.cli import app as cli_app
 from polytask.run.folder import load_trained
 from polytask.serve.app import ServeSettings, create_app
 from polytask.serve.predict import predict_arrays
+from processes import free_port as _free_port
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -456,12 +456,6 @@ def test_multimodal_model_takes_missing_modalities(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- the command itself
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _readme_curl() -> str:
     """The curl command of the README's "Serve it" section, joined onto one line."""
     text = (ROOT / "README.md").read_text()

@@ -10,8 +10,6 @@ import copy
 import gc
 import json
 import os
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
@@ -34,6 +31,7 @@ from polytask.data.streaming import StreamedSplit
 from polytask.errors import DataError
 from polytask.run import resume_run, train_run
 from polytask.run.data import build_data, train_batches
+from processes import free_port, run_processes
 
 IMAGE_TASKS = [
     {"name": "digit", "kind": "multiclass", "num_classes": 3},
@@ -238,20 +236,8 @@ def test_two_gloo_processes_streaming_train_what_one_process_with_twice_the_batc
 ) -> None:
     raw = _streaming(_config("parquet", folders, tmp_path))
     raw["train"]["epochs"] = 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
     # forked, not spawned: the children need not import torch again (seconds on a small machine)
-    context = mp.start_processes(
-        _ddp_worker, args=(port, raw, str(tmp_path / "ddp")), nprocs=2, join=False,
-        start_method="fork",
-    )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process run did not finish in 300 s: a collective hangs")
+    run_processes(_ddp_worker, (free_port(), raw, str(tmp_path / "ddp")), start_method="fork")
     raw["data"]["batch_size"] = 16
     train_run(parse_config(raw), run_dir=tmp_path / "one")
     ddp, one = _records(tmp_path / "ddp"), _records(tmp_path / "one")

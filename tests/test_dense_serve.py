@@ -137,6 +137,7 @@ def test_predict_endpoint_returns_the_maps(
     with TestClient(create_app(run_dir, ServeSettings(engine=engine))) as client:
         metadata = client.get("/metadata").json()
         (field,) = metadata["inputs"]  # the image: one flattened tensor field
+        assert field["name"] == "inputs"  # the same request body for either engine
         records = [{field["name"]: image.ravel().tolist()} for image in np.asarray(raw)]
         response = client.post("/predict", json=records)
         openapi = client.get("/openapi.json").json()

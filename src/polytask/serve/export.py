@@ -43,6 +43,7 @@ from polytask.io import atomic_path, write_text_atomic
 from polytask.models import MultiTaskModel
 from polytask.run.folder import RunFolder, TrainedModel
 from polytask.serve.onnx_runtime import (
+    PLAIN_INPUT,
     PREPROCESS_FORMAT,
     PRESENT_SUFFIX,
     file_sha256,
@@ -52,8 +53,6 @@ from polytask.serve.onnx_tokenizer import check_supported
 from polytask.tasks import TaskSpec
 
 Quantize = Literal["int8", "fp16"]
-#: the graph input of a model whose input is one tensor (not named blocks)
-PLAIN_INPUT = "input"
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from polytask.serve.engines import EngineOutput
-from polytask.serve.onnx_runtime import InputColumn, OnnxPredictor, task_columns
-from polytask.serve.schema import InputField, OutputTask
+from polytask.serve.onnx_runtime import PLAIN_INPUT, InputColumn, OnnxPredictor, task_columns
+from polytask.serve.schema import WHOLE_INPUT, InputField, OutputTask
 
 
 def field_of(column: InputColumn) -> InputField | None:
@@ -23,8 +23,9 @@ def field_of(column: InputColumn) -> InputField | None:
         return InputField(column.name, "category", optional=True)
     if column.dtype == "string":
         return InputField(column.name, "text", optional=column.optional)
-    if column.shape:
-        return InputField(column.name, "tensor", tuple(column.shape), optional=column.optional)
+    if column.shape:  # a one-tensor model's input has the torch engine's field name
+        name = WHOLE_INPUT if column.name == PLAIN_INPUT else column.name
+        return InputField(name, "tensor", tuple(column.shape), optional=column.optional)
     return InputField(column.name, "number", optional=column.optional)
 
 
@@ -54,6 +55,8 @@ class OnnxEngine:
     def predict(self, columns: Mapping[str, Any]) -> EngineOutput:
         """Every task's predictions for the rows of ``columns``, in one graph run (the same
         columns as ``OnnxPredictor.predict``)."""
+        if WHOLE_INPUT in columns and PLAIN_INPUT not in columns:
+            columns = {PLAIN_INPUT if k == WHOLE_INPUT else k: v for k, v in columns.items()}
         outputs = self.predictor.run(columns)
         predictions: dict[str, np.ndarray] = {}
         probabilities: dict[str, np.ndarray] = {}

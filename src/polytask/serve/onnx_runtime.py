@@ -30,6 +30,8 @@ from polytask.serve.onnx_tokenizer import SubwordTokenizer
 #: the ``format`` of the preprocessing JSON this runtime reads (a new major version is refused)
 PREPROCESS_FORMAT = "polytask-onnx-preprocess/1"
 PRESENT_SUFFIX = "_present"
+#: the graph input of a model whose input is one tensor (not named blocks)
+PLAIN_INPUT = "input"
 
 
 def preprocess_path_for(model_path: str | Path) -> Path:
